@@ -1,0 +1,1 @@
+"""The `realm-jax` command line: one module per sub-command, registered in `main.py`."""

