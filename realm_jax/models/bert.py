@@ -1,0 +1,137 @@
+"""BERT in Flax NNX: the encoder every REALM tower is built on, and its tied MLM head.
+
+Post-LayerNorm transformer layers, tanh-approximate GELU and LayerNorm epsilon 1e-12 as in the
+original BERT, so that TF and HuggingFace checkpoints load without numerical drift. Parameters are
+float32; `BertConfig.dtype` sets the compute dtype (bfloat16 on TPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from realm_jax.config import BertConfig
+
+_ACT = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def _dense(cfg: BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, dtype=jnp.dtype(cfg.dtype),
+                    kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+
+
+def _norm(cfg: BertConfig, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+
+def flatten_leading(*xs: jax.Array) -> tuple[tuple[int, ...], list[jax.Array]]:
+  """Flattens `[..., L]` inputs to `[N, L]`; returns the leading shape to restore outputs."""
+  lead = xs[0].shape[:-1]
+  return lead, [x.reshape(-1, x.shape[-1]) for x in xs]
+
+
+class BertEmbeddings(nnx.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(cfg.initializer_range)
+    dtype = jnp.dtype(cfg.dtype)
+    self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, embedding_init=init, rngs=rngs)
+    self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
+                                         embedding_init=init, rngs=rngs)
+    self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype,
+                                           embedding_init=init, rngs=rngs)
+    self.layer_norm = _norm(cfg, cfg.hidden_size, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+    return self.dropout(self.layer_norm(x))
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with the output projection (residual and norm live in the layer)."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    h = cfg.hidden_size
+    self.num_heads = cfg.num_heads
+    self.query = _dense(cfg, h, h, rngs)
+    self.key = _dense(cfg, h, h, rngs)
+    self.value = _dense(cfg, h, h, rngs)
+    self.output = _dense(cfg, h, h, rngs)
+    self.dropout_rate = cfg.dropout_rate
+    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+  def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    b, l, h = x.shape
+    split = lambda t: t.reshape(b, l, self.num_heads, h // self.num_heads)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // self.num_heads).astype(q.dtype)
+    # Additive mask in float32, as BERT: padded keys get the most negative finite value.
+    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
+    probs = self.dropout(probs)
+    ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, l, h)
+    return self.output(ctx)
+
+
+class BertLayer(nnx.Module):
+  """Post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.attention = SelfAttention(cfg, rngs=rngs)
+    self.attention_norm = _norm(cfg, cfg.hidden_size, rngs)
+    self.intermediate = _dense(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
+    self.output = _dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
+    self.output_norm = _norm(cfg, cfg.hidden_size, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.act = cfg.hidden_act
+
+  def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    x = self.attention_norm(x + self.dropout(self.attention(x, attention_mask)))
+    y = self.output(_ACT[self.act](self.intermediate(x)))
+    return self.output_norm(x + self.dropout(y))
+
+
+class BertEncoder(nnx.Module):
+  """BERT: embeddings, `num_layers` post-LN layers and (optionally) the tanh pooler over [CLS]."""
+
+  def __init__(self, cfg: BertConfig, *, pooler: bool = True, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embeddings = BertEmbeddings(cfg, rngs=rngs)
+    self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.pooler = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs) if pooler else None
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """Inputs `[..., L]` int32. Returns (sequence output `[..., L, H]`, pooled `[..., H]` or None)."""
+    lead, (ids, mask, types) = flatten_leading(input_ids, attention_mask, token_type_ids)
+    x = self.embeddings(ids, types)
+    for layer in self.layers:
+      x = layer(x, mask)
+    pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+    x = x.reshape(*lead, *x.shape[-2:])
+    if pooled is not None:
+      pooled = pooled.reshape(*lead, pooled.shape[-1])
+    return x, pooled
+
+
+class MlmHead(nnx.Module):
+  """BERT's masked-LM head: dense + GELU + LayerNorm, then logits tied to the word embeddings."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.transform = _dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
+    self.transform_norm = _norm(cfg, cfg.hidden_size, rngs)
+    self.output_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
+    self.act = cfg.hidden_act
+
+  def __call__(self, hidden: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
+    x = self.transform_norm(_ACT[self.act](self.transform(hidden)))
+    logits = word_embeddings.attend(x)
+    return logits.astype(jnp.float32) + self.output_bias[...]
