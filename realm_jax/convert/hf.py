@@ -234,3 +234,22 @@ def load_bert(bert_module: nnx.Module, state_dict: Mapping[str, Any], source: st
   has_pooler = getattr(bert_module, "pooler", None) is not None
   skip = [r"^pooler\."] if not has_pooler else []
   load_state_dict(bert_module, sd, rules, skip=skip + [r"^cls\."], source=source)
+
+
+def init_from_bert(model: nnx.Module, state_dict: Mapping[str, Any], source: str = "BERT weights") -> list[str]:
+  """Initialises every BERT inside a RealmModel/OpenQAModel from one plain `BertModel` state dict.
+
+  The retriever towers, the knowledge-augmented encoder and the reader all start from the same
+  pre-trained BERT (as REALM starts from BERT); projections and heads keep their fresh init.
+  Returns the names of the initialised encoders.
+  """
+  done, seen = [], set()
+  for name in ("retriever.query_embedder", "retriever.doc_embedder", "encoder", "reader"):
+    obj = model
+    for attr in name.split("."):
+      obj = getattr(obj, attr, None)
+    if obj is not None and id(obj) not in seen:  # a shared tower is loaded once
+      load_bert(obj.bert, state_dict, source=source)
+      done.append(name)
+      seen.add(id(obj))
+  return done
