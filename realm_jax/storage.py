@@ -44,6 +44,7 @@ from realm_jax.errors import RealmError
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 _CHUNK = 8 << 20
+_MULTIPART_MAX = 8 << 20  # google-cloud-storage's single-request (multipart) upload limit
 _HIDDEN = ".realm-"  # prefix of our temp and lock files in local roots; never listed
 
 
@@ -441,6 +442,8 @@ class _Gcs:
       data = blob.download_as_bytes()
     except gex.NotFound:
       return None, 0
+    except gex.GoogleAPICallError as e:
+      raise StorageError(f"{self.uri(key)}: read failed: {e}") from e
     return data, int(blob.generation)
 
   def read(self, key: str, generation: int | None) -> bytes:
@@ -449,12 +452,16 @@ class _Gcs:
         return self.fs.cat_file(self._p(key))
       except FileNotFoundError:
         raise ObjectNotFound(f"{self.uri(key)}: no such object") from None
+      except OSError as e:
+        raise StorageError(f"{self.uri(key)}: read failed: {e}") from e
     from google.api_core import exceptions as gex
     try:
       return self.bucket.blob(self._k(key), generation=generation).download_as_bytes()
     except gex.NotFound:
       raise ObjectNotFound(
           f"{self.uri(key)}: generation {generation} not found (replaced or deleted)") from None
+    except gex.GoogleAPICallError as e:
+      raise StorageError(f"{self.uri(key)}: read failed: {e}") from e
 
   @contextlib.contextmanager
   def _preconditions(self, key: str, if_generation_match: int | None):
@@ -473,8 +480,22 @@ class _Gcs:
     return ObjectInfo(key, int(blob.size), int(blob.generation),
                       base64.b64decode(blob.crc32c).hex() if blob.crc32c else None)
 
+  def _precheck(self, key: str, size: int, if_generation_match: int | None) -> None:
+    """Above 8 MiB google-cloud-storage uploads resumably; GCS applies `ifGenerationMatch` there
+    too, but fake-gcs-server ignores it. Checking first makes the non-racing case exact on both
+    (the race window on the emulator only; small objects such as LATEST are always multipart)."""
+    if if_generation_match is None or size <= _MULTIPART_MAX:
+      return
+    info = self.stat(key)
+    current = info.generation if info else 0
+    with self._preconditions(key, if_generation_match):
+      if current != if_generation_match:
+        from google.api_core import exceptions as gex
+        raise gex.PreconditionFailed(f"generation is {current}")
+
   def write(self, key: str, data: bytes, if_generation_match: int | None) -> ObjectInfo:
     blob = self.bucket.blob(self._k(key))
+    self._precheck(key, len(data), if_generation_match)
     with self._preconditions(key, if_generation_match):
       blob.upload_from_string(bytes(data), content_type="application/octet-stream",
                               if_generation_match=if_generation_match)
@@ -485,6 +506,7 @@ class _Gcs:
 
   def put_file(self, local: str, key: str, if_generation_match: int | None) -> ObjectInfo:
     blob = self.bucket.blob(self._k(key))
+    self._precheck(key, os.path.getsize(local), if_generation_match)
     with self._preconditions(key, if_generation_match):
       blob.upload_from_filename(local, content_type="application/octet-stream",
                                 if_generation_match=if_generation_match)

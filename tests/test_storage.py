@@ -83,6 +83,23 @@ def test_exclusive_write_never_overwrites(storage_root, tmp_path):
   assert s.read_bytes("x.bin") == b"overwrite"
 
 
+def test_large_exclusive_upload(storage_root, tmp_path):
+  """Above 8 MiB google-cloud-storage switches to a resumable upload, where fake-gcs-server
+  ignores ifGenerationMatch (real GCS honours it): create-only must still hold."""
+  big = tmp_path / "big.bin"
+  data = os.urandom(9 << 20)
+  big.write_bytes(data)
+  s = Storage.open(storage_root)
+  info = s.put_file(big, "v/big.bin", exclusive=True)
+  assert (info.size, info.crc32c) == storage_lib.file_crc32c(big)
+  with pytest.raises(ObjectExists):
+    s.put_file(big, "v/big.bin", exclusive=True)
+  with pytest.raises(ObjectExists):
+    s.write_bytes("v/big.bin", data[:100], exclusive=True)
+  assert s.stat("v/big.bin").size == len(data)
+  assert s.get_file("v/big.bin", tmp_path / "back.bin").read_bytes() == data
+
+
 def test_compare_and_swap(storage_root):
   s = Storage.open(storage_root)
   assert s.read_with_generation("ptr") == (None, 0)
