@@ -24,11 +24,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
 import os
 import pathlib
+import shutil
+import sys
 import tempfile
 import threading
 from typing import Any, Iterator
@@ -133,7 +136,8 @@ def check_emulator_environment() -> None:
     return
   expected = emulator_environment(host)
   wrong = [k for k, v in expected.items()
-           if k not in ("GOOGLE_AUTH_TOKEN_FOR_TESTING",) and os.environ.get(k) != v]
+           if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+           and os.environ.get(k) != v]
   if not os.environ.get("GOOGLE_AUTH_TOKEN_FOR_TESTING"):
     wrong.append("GOOGLE_AUTH_TOKEN_FOR_TESTING")
   if wrong:
@@ -141,7 +145,6 @@ def check_emulator_environment() -> None:
         f"STORAGE_EMULATOR_HOST={host} is set but these variables do not match it: "
         f"{', '.join(sorted(wrong))}; call realm_jax.storage.use_emulator({host!r}) before "
         "using gs:// so gcsfs, tensorstore and orbax all talk to the emulator")
-  import sys
   gcsfs = sys.modules.get("gcsfs")
   if gcsfs is not None and gcsfs.GCSFileSystem.__name__ == "ExtendedGcsFileSystem":
     raise StorageError(
@@ -155,19 +158,32 @@ def check_emulator_environment() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tmp_sibling(final: pathlib.Path) -> tuple[int, str]:
-  final.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f"{_HIDDEN}tmp-", dir=final.parent)
-  umask = os.umask(0)
+def _read_umask() -> int:
+  umask = os.umask(0o022)
   os.umask(umask)
-  os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; published files are shared
+  return umask
+
+
+_UMASK = _read_umask()  # read once: os.umask is process-wide and racy between threads
+
+
+def _tmp_sibling(final: pathlib.Path) -> tuple[int, str]:
+  """A temp file in `final`'s directory (same filesystem, so rename/link is atomic)."""
+  for attempt in range(3):
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      fd, tmp = tempfile.mkstemp(prefix=f"{_HIDDEN}tmp-", dir=final.parent)
+      break
+    except FileNotFoundError:  # a concurrent delete removed the (empty) directory
+      if attempt == 2:
+        raise
+  os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files are shared
   return fd, tmp
 
 
 @contextlib.contextmanager
 def _flock(final: pathlib.Path) -> Iterator[None]:
   """Exclusive advisory lock next to `final`; released by the kernel if the process dies."""
-  import fcntl
   fd = os.open(final.parent / f"{_HIDDEN}lock-{final.name}", os.O_CREAT | os.O_RDWR, 0o666)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -307,7 +323,6 @@ class _Local:
     else:
       n = len(self.find(key))
       if p.is_dir():
-        import shutil
         shutil.rmtree(p)
     parent = p.parent  # drop now-empty parents, as prefixes vanish on object stores
     while parent != self.root and self.root in parent.parents:
