@@ -55,10 +55,13 @@ def ssh_prefix(node: str, worker: str = "all") -> list[str]:
   return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", node, f"--worker={worker}", *WHERE]
 
 
-def create_cmd(qr, node, acc, runtime, *flags, role="train"):
+SCOPES = "--scopes=https://www.googleapis.com/auth/cloud-platform"
+
+
+def create_cmd(qr, node, acc, runtime, *flags, role="train", extra=(SCOPES,)):
   return ["gcloud", "compute", "tpus", "queued-resources", "create", qr, f"--node-id={node}",
           f"--accelerator-type={acc}", f"--runtime-version={runtime}", *WHERE, *flags,
-          f"--labels=realm-jax-run=realm,realm-jax-role={role}"]
+          f"--labels=realm-jax-run=realm,realm-jax-role={role}", *extra]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +90,10 @@ def test_create_provisioning_names_and_single_role():
   assert "--reserved" in train and "--spot" not in train
   assert "--valid-until-duration=6h" in train and "--valid-until-duration=6h" in refresh
   assert "--reserved" not in refresh and "--spot" not in refresh
+  assert train[-2:] == refresh[-2:] == ["--valid-until-duration=6h", SCOPES]
+  no_scopes = commands(run("create.py", *COMMON, "--train-type", "v4-8", "--scopes", "",
+                           "--service-account", "sa@my-proj.iam.gserviceaccount.com", "--dry-run"))
+  assert no_scopes[0][-1] == "--service-account=sa@my-proj.iam.gserviceaccount.com"
   only = commands(run("create.py", *COMMON, "--role", "refresh", "--refresh-type", "v5litepod-8",
                       "--dry-run"))
   assert [c[5] for c in only] == ["realm-refresh-qr"]
@@ -125,6 +132,8 @@ def test_create_accelerator_table(given, name, runtime, hosts, devices):
      "'My_Proj'"),
     ("create.py", [*COMMON, "--name", "Bad_Name", "--train-type", "v4-8"], "'Bad_Name'"),
     ("create.py", [*COMMON], "missing accelerator type"),
+    ("create.py", [*COMMON, "--train-type", "v4-8", "--valid-until-duration", "six hours"],
+     "'six hours'"),
     ("launch.py", ["pretrain", *COMMON, "--train-type", "v4-32", "--config", "experiments/a.py"],
      "missing --storage"),
     ("launch.py", ["pretrain", *COMMON, "--train-type", "v4-32", "--config", "experiments/a.py",

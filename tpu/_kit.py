@@ -211,6 +211,7 @@ class Target:
 
 
 PROVISIONING = ("on-demand", "spot", "reserved")
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
 def qr_create(t: Target, provisioning: str = "on-demand", runtime_version: str | None = None,
@@ -349,6 +350,37 @@ def add_type_args(p: argparse.ArgumentParser, refresh: bool = True) -> None:
   if refresh:
     p.add_argument("--refresh-type", default=os.environ.get("REALM_REFRESH_TYPE"),
                    help="refresher slice/VM type, e.g. v4-8 (env REALM_REFRESH_TYPE)")
+
+
+def add_create_args(p: argparse.ArgumentParser) -> None:
+  """Options of `queued-resources create` shared by create.py and watch.py (re-creation)."""
+  p.add_argument("--runtime-version", default=None,
+                 help="override the TPU software version picked from the accelerator family")
+  p.add_argument("--valid-until-duration", default=None,
+                 help="give up a queued request after this long, e.g. 6h")
+  p.add_argument("--service-account", default=None,
+                 help="service account of the TPU VMs (default: the Compute Engine default "
+                 "account); it needs roles/storage.objectAdmin on the bucket")
+  p.add_argument("--scopes", default=CLOUD_PLATFORM_SCOPE,
+                 help="OAuth scopes of the VMs (default cloud-platform, so that IAM roles alone "
+                 "decide access; '' leaves the TPU default)")
+
+
+def create_flags(args: argparse.Namespace) -> tuple[str, ...]:
+  """The extra `queued-resources create` flags from add_create_args' options."""
+  if args.runtime_version is not None and not args.runtime_version.strip():
+    raise KitError("--runtime-version is empty")
+  extra = []
+  if args.valid_until_duration:
+    if not re.match(r"^([0-9]+[smhd])+$", args.valid_until_duration):
+      raise KitError(f"bad --valid-until-duration {args.valid_until_duration!r}: expected e.g. "
+                     "30m, 6h or 2d")
+    extra.append(f"--valid-until-duration={args.valid_until_duration}")
+  if args.service_account:
+    extra.append(f"--service-account={args.service_account}")
+  if args.scopes:
+    extra.append(f"--scopes={args.scopes}")
+  return tuple(extra)
 
 
 def target(args: argparse.Namespace, role: str) -> Target:

@@ -23,12 +23,7 @@ def parse_args(argv: list[str] | None = None):
                  help="trainer capacity: on-demand, spot (preemptible, cheap) or reserved")
   p.add_argument("--refresh-provisioning", choices=_kit.PROVISIONING, default=None,
                  help="refresher capacity (default: same as --provisioning)")
-  p.add_argument("--runtime-version", default=None,
-                 help="override the TPU software version picked from the accelerator family")
-  p.add_argument("--valid-until-duration", default=None,
-                 help="give up the queued request after this long, e.g. 6h")
-  p.add_argument("--service-account", default=None,
-                 help="service account of the TPU VMs (needs read/write on the bucket)")
+  _kit.add_create_args(p)
   return p.parse_args(argv)
 
 
@@ -38,19 +33,13 @@ def plan(args) -> list[list[str]]:
   if args.role == "both" and not args.refresh_type:
     _kit.note("no --refresh-type: creating the trainer only (REALM pre-training needs a refresher)")
     roles = ["train"]
-  if args.runtime_version is not None and not args.runtime_version.strip():
-    raise _kit.KitError("--runtime-version is empty")
-  extra = []
-  if args.valid_until_duration:
-    extra.append(f"--valid-until-duration={args.valid_until_duration}")
-  if args.service_account:
-    extra.append(f"--service-account={args.service_account}")
+  extra = _kit.create_flags(args)
   cmds = []
   for role in roles:
     t = _kit.target(args, role)
     prov = args.provisioning if role == "train" else (args.refresh_provisioning or args.provisioning)
     _kit.note(f"{role}: node {t.node} ({t.acc.describe()}), {prov}")
-    cmds.append(_kit.qr_create(t, prov, args.runtime_version, tuple(extra)))
+    cmds.append(_kit.qr_create(t, prov, args.runtime_version, extra))
   return cmds
 
 

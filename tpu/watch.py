@@ -44,6 +44,7 @@ class Watched:
   job: str
   provisioning: str
   start: list[str]          # ssh command that starts the job (with --resume for the trainer)
+  create: list[str]         # queued-resources create, used after a preemption
   unhealthy: int = 0
   needs_install: bool = False
   done: bool = False
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="trainer capacity used when re-creating (default spot)")
   p.add_argument("--refresh-provisioning", choices=_kit.PROVISIONING, default=None,
                  help="refresher capacity when re-creating (default: --provisioning)")
+  _kit.add_create_args(p)
   p.add_argument("--install-from", choices=("checkout", "pypi"), default="checkout",
                  help="how install.py reinstalls a re-created TPU")
   p.add_argument("--package", default="realm-jax[tpu]", help="pip requirement for pypi installs")
@@ -98,7 +100,9 @@ def build(args: argparse.Namespace) -> list[Watched]:
   storage, _ = launch.check_job_flags(ns, t)
   jargs = launch.job_args(args.job, args.config, storage, resume=True, sets=args.set or ())
   start = _kit.ssh(t, launch.remote_start(args.job, jargs, args.env or ()))
-  watched.append(Watched(t, args.job, args.provisioning, start))
+  create_flags = _kit.create_flags(args)
+  watched.append(Watched(t, args.job, args.provisioning, start,
+                         _kit.qr_create(t, args.provisioning, args.runtime_version, create_flags)))
   if args.refresh_type and not args.no_refresher:
     r = _kit.target(args, "refresh")
     config = args.refresh_config or args.config
@@ -107,7 +111,9 @@ def build(args: argparse.Namespace) -> list[Watched]:
     storage, _ = launch.check_job_flags(ns, r)
     start = _kit.ssh(r, launch.remote_start("refresh", launch.job_args("refresh", config, storage),
                                             args.env or ()))
-    watched.append(Watched(r, "refresh", args.refresh_provisioning or args.provisioning, start))
+    provisioning = args.refresh_provisioning or args.provisioning
+    watched.append(Watched(r, "refresh", provisioning, start,
+                           _kit.qr_create(r, provisioning, args.runtime_version, create_flags)))
   return watched
 
 
@@ -151,7 +157,7 @@ def print_plan(args: argparse.Namespace, watched: list[Watched]) -> None:
     print(shlex.join(_kit.ssh(t, launch.remote_status(w.job))))
     print(f"# if {t.queued_resource} is {'/'.join(PREEMPTED)} (preempted) or missing: re-create")
     print(shlex.join(_kit.qr_delete(t)))
-    print(shlex.join(_kit.qr_create(t, w.provisioning)))
+    print(shlex.join(w.create))
     print(f"# once {t.queued_resource} is ACTIVE again: install and relaunch")
     for cmd in install_commands(args, t):
       print(shlex.join(cmd))
@@ -185,7 +191,7 @@ def watch(args: argparse.Namespace, watched: list[Watched], runner: _kit.Runner)
           spend(f"{t.queued_resource} is {state}: re-creating it")
           if state != "MISSING":
             runner.run(_kit.qr_delete(t))
-          runner.run(_kit.qr_create(t, w.provisioning))
+          runner.run(w.create)
           w.needs_install, w.unhealthy = True, 0
           continue
         if state != "ACTIVE":
