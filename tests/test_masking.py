@@ -68,7 +68,7 @@ def squash(text: str) -> str:
 
 
 def query_tokens(ex: dict) -> np.ndarray:
-  n = int(ex["input_mask"].sum())
+  n = int(ex["attention_mask"].sum())
   assert ex["input_ids"][0] == SPECIAL.cls_id and ex["input_ids"][n - 1] == SPECIAL.sep_id
   assert (ex["input_ids"][n:] == SPECIAL.pad_id).all()
   return ex["input_ids"][1:n - 1]
@@ -89,7 +89,7 @@ def check_label_layout(ex: dict, query_len: int, max_masks: int):
   expected = np.full(query_len, -100)
   expected[pos] = ex["mlm_targets"][:k]
   np.testing.assert_array_equal(ex["mlm_labels"], expected)
-  assert (pos >= 1).all() and (pos < ex["input_mask"].sum() - 1).all()  # never [CLS]/[SEP]
+  assert (pos >= 1).all() and (pos < ex["attention_mask"].sum() - 1).all()  # never [CLS]/[SEP]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_long_sentence_is_truncated_around_the_span():
   block = make_block(5, "Curie", text)
   block.salient_spans = np.array([[text.index("1891"), text.index("1891") + 4]], np.int32)
   ex = masking.salient_span_query(block, np.random.default_rng(0), SPECIAL, query_len=96)
-  assert ex["input_mask"].sum() == 96 and ex["input_ids"][-1] == SPECIAL.sep_id
+  assert ex["attention_mask"].sum() == 96 and ex["input_ids"][-1] == SPECIAL.sep_id
   ids = query_tokens(ex)
   assert len(ids) == 94
   pos = masked_positions(ex) - 1
@@ -244,13 +244,13 @@ def test_ict_removes_the_sentence_about_90_percent_of_the_time():
     ex = masking.ict_example(block, np.random.default_rng(seed), SPECIAL)
     assert ex["query_input_ids"].shape == (64,) and ex["block_input_ids"].shape == (288,)
     assert ex["block_id"] == block.block_id
-    q = ex["query_input_ids"][1:int(ex["query_input_mask"].sum()) - 1]
-    n_doc = int(ex["block_input_mask"].sum())
+    q = ex["query_input_ids"][1:int(ex["query_attention_mask"].sum()) - 1]
+    n_doc = int(ex["block_attention_mask"].sum())
     doc = ex["block_input_ids"][:n_doc]
     t = len(block.title_ids)
     assert doc[0] == SPECIAL.cls_id and doc[t + 1] == SPECIAL.sep_id and doc[-1] == SPECIAL.sep_id
     np.testing.assert_array_equal(doc[1:t + 1], block.title_ids)
-    np.testing.assert_array_equal(ex["block_segment_ids"][:n_doc], [0] * (t + 2) + [1] * (n_doc - t - 2))
+    np.testing.assert_array_equal(ex["block_token_type_ids"][:n_doc], [0] * (t + 2) + [1] * (n_doc - t - 2))
     body = doc[t + 2:-1]
     origins = [(a, b) for a, b in masking.sentence_ranges(block)
                if b > a and np.array_equal(block.body_ids[a:a + len(q)], q)]
@@ -270,7 +270,7 @@ def test_ict_never_empties_a_one_sentence_block():
   for seed in range(20):
     ex = masking.ict_example(block, np.random.default_rng(seed), SPECIAL, remove_prob=1.0)
     assert not ex["sentence_removed"]
-    assert int(ex["block_input_mask"].sum()) == 3 + 1 + len(block.body_ids)
+    assert int(ex["block_attention_mask"].sum()) == 3 + 1 + len(block.body_ids)
 
 
 def test_blocks_without_spans_or_sentences_give_none():

@@ -233,3 +233,16 @@ def test_tfds_sets_prepared_from_local_files_read_back(tmp_path):
   assert sorted((e.question, e.answers) for e in got_wq) == sorted((e.question, e.answers) for e in wq)
   with pytest.raises(qa.QuestionFileError, match="not prepared"):
     qa.load_tfds("web_questions", "train", data_dir)
+
+
+def test_cli_fetch_reports_extracted_files(capsys):
+  parser = argparse.ArgumentParser()
+  data_cli.register(parser.add_subparsers(dest="command"))
+  args = parser.parse_args(["data", "fetch"])
+  assert args.func(args) == 0
+  lines = capsys.readouterr().out.splitlines()
+  paths = [line.rsplit(": ", 1)[1] for line in lines]
+  assert len(paths) == 2 + len(qa.SHORT_NAMES)
+  import pathlib
+  assert all(pathlib.Path(p).exists() for p in paths)
+  assert (pathlib.Path(paths[1]) / "vocab.txt").is_file()

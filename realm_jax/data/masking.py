@@ -3,7 +3,7 @@
 A query is one sentence of a block, `[CLS] sentence [SEP]` padded to `query_len` (96), with some
 tokens replaced by [MASK]. Every query example is a dict of fixed-shape numpy arrays:
 
-  input_ids, input_mask, segment_ids  int32 [query_len]   the query (segment 0)
+  input_ids, attention_mask, token_type_ids  int32 [query_len]   the query (segment 0)
   mlm_labels    int32 [query_len]   original id at masked positions, -100 elsewhere (HF's layout)
   mlm_positions int32 [max_masks]   query positions of the masked tokens (0-padded)
   mlm_targets   int32 [max_masks]   their original ids (0-padded)
@@ -17,6 +17,10 @@ The knowledge-augmented encoder reads `[CLS] query [SEP] body [SEP]`, which begi
 first `query_len` positions of the joint input unchanged. Masked tokens are always [MASK] for the
 salient and random-span maskers (REALM: all of the span's tokens); the random-token baseline uses
 BERT's 80/10/10 replacement (random ids are drawn from the block's own tokens, so no [unused]).
+
+ICT examples hold `query_{input_ids,attention_mask,token_type_ids}` [64] (`[CLS] sentence [SEP]`),
+`block_{...}` [288] (`[CLS] title [SEP] body [SEP]`, segments 0 / 1), `block_id` (the
+pseudo-positive) and `sentence_removed`. Key names follow the model contract (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -105,8 +109,8 @@ def _query_features(tokens: np.ndarray, masked: np.ndarray, targets: np.ndarray,
   input_ids[0] = special.cls_id
   input_ids[1:n + 1] = tokens
   input_ids[n + 1] = special.sep_id
-  input_mask = np.zeros(query_len, np.int32)
-  input_mask[:n + 2] = 1
+  attention_mask = np.zeros(query_len, np.int32)
+  attention_mask[:n + 2] = 1
   positions = np.asarray(masked, np.int32) + 1  # +1 for [CLS]
   labels = np.full(query_len, IGNORE_LABEL, np.int32)
   labels[positions] = targets
@@ -114,8 +118,8 @@ def _query_features(tokens: np.ndarray, masked: np.ndarray, targets: np.ndarray,
   pad = lambda x, v, dt: np.concatenate([np.asarray(x, dt), np.full(max_masks - k, v, dt)])
   return {
       "input_ids": input_ids,
-      "input_mask": input_mask,
-      "segment_ids": np.zeros(query_len, np.int32),
+      "attention_mask": attention_mask,
+      "token_type_ids": np.zeros(query_len, np.int32),
       "mlm_labels": labels,
       "mlm_positions": pad(positions, 0, np.int32),
       "mlm_targets": pad(targets, 0, np.int32),
@@ -251,7 +255,7 @@ def _doc_features(title_ids: np.ndarray, body_ids: np.ndarray, special: SpecialI
   mask[:n] = 1
   segments = np.zeros(block_len, np.int32)
   segments[len(title) + 2:n] = 1
-  return {f"{prefix}input_ids": out_ids, f"{prefix}input_mask": mask, f"{prefix}segment_ids": segments}
+  return {f"{prefix}input_ids": out_ids, f"{prefix}attention_mask": mask, f"{prefix}token_type_ids": segments}
 
 
 def ict_example(block: Block, rng: np.random.Generator, special: SpecialIds, query_len: int = 64,
@@ -270,12 +274,12 @@ def ict_example(block: Block, rng: np.random.Generator, special: SpecialIds, que
   body = np.concatenate([block.body_ids[:sa], block.body_ids[sb:]]) if removed else block.body_ids
   out = {
       "query_input_ids": np.full(query_len, special.pad_id, np.int32),
-      "query_input_mask": np.zeros(query_len, np.int32),
-      "query_segment_ids": np.zeros(query_len, np.int32),
+      "query_attention_mask": np.zeros(query_len, np.int32),
+      "query_token_type_ids": np.zeros(query_len, np.int32),
   }
   n = len(query) + 2
   out["query_input_ids"][:n] = np.concatenate([[special.cls_id], query, [special.sep_id]])
-  out["query_input_mask"][:n] = 1
+  out["query_attention_mask"][:n] = 1
   out.update(_doc_features(block.title_ids, body, special, block_len, "block_"))
   out["block_id"] = np.int64(block.block_id)
   out["sentence_removed"] = np.int32(removed)
