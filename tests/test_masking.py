@@ -20,7 +20,7 @@ UNK = 100
 
 @functools.lru_cache(maxsize=None)
 def tokenizer() -> BertWordPieceTokenizer:
-  return BertWordPieceTokenizer(str(sources.minilm_dir() / "vocab.txt"), lowercase=True)
+  return BertWordPieceTokenizer.from_file(str(sources.minilm_dir() / "vocab.txt"), lowercase=True)
 
 
 def make_block(block_id: int, title: str, text: str) -> Block:
