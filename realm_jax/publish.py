@@ -347,7 +347,10 @@ class PublishedVersion:
       if info.crc32c is not None:  # GCS: the server's checksum of this generation
         self._check(name, info.size, info.crc32c)
       elif self.storage.kind == "local":
-        self._check(name, *file_crc32c(self.storage.local_path(path)))
+        try:
+          self._check(name, *file_crc32c(self.storage.local_path(path)))
+        except FileNotFoundError:
+          raise CorruptVersion(f"{self.uri(name)}: missing") from None
       else:
         self.read_bytes(name)
 
@@ -362,15 +365,27 @@ def open_version(storage: Storage, prefix: str, version: str, *,
   return pv
 
 
-def open_latest(storage: Storage, prefix: str, *, verify: bool = True) -> PublishedVersion | None:
-  """open_version of what LATEST names (its manifest pinned), or None if nothing is published."""
-  manifest = read_latest(storage, prefix)
-  if manifest is None:
-    return None
-  pv = PublishedVersion(storage, prefix, manifest)
-  if verify:
-    pv.verify()
-  return pv
+def open_latest(storage: Storage, prefix: str, *, verify: bool = True,
+                attempts: int = 3) -> PublishedVersion | None:
+  """open_version of what LATEST names (its manifest pinned), or None if nothing is published.
+
+  If the version turns out missing/corrupt but LATEST has moved on meanwhile (a newer publish
+  followed by prune), it retries with the new LATEST; a bad version LATEST still names raises.
+  """
+  for attempt in range(attempts):
+    pointer, _ = _read_pointer(storage, prefix)
+    if pointer is None:
+      return None
+    try:
+      pv = PublishedVersion(storage, prefix, _read_manifest(
+          storage, prefix, pointer["version"], pointer.get("manifest_generation")))
+      if verify:
+        pv.verify()
+      return pv
+    except CorruptVersion:
+      now, _ = _read_pointer(storage, prefix)
+      if attempt == attempts - 1 or now is None or now["version"] == pointer["version"]:
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

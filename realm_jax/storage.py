@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import shutil
+import stat as stat_lib
 import sys
 import tempfile
 import threading
@@ -192,6 +193,12 @@ def _flock(final: pathlib.Path) -> Iterator[None]:
     os.close(fd)
 
 
+def _ignore_missing(func, path, exc_info) -> None:
+  """shutil.rmtree error handler: files a concurrent delete already removed are fine."""
+  if not issubclass(exc_info[0], FileNotFoundError):
+    raise exc_info[1]
+
+
 class _Local:
   """Plain files; atomic via temp file + fsync + rename, create-only via hard link."""
 
@@ -205,8 +212,11 @@ class _Local:
     return str(self._p(key))
 
   def stat(self, key: str) -> ObjectInfo | None:
-    p = self._p(key)
-    return ObjectInfo(key, p.stat().st_size) if p.is_file() else None
+    try:
+      st = self._p(key).stat()
+    except (FileNotFoundError, NotADirectoryError):
+      return None
+    return ObjectInfo(key, st.st_size) if stat_lib.S_ISREG(st.st_mode) else None
 
   def read(self, key: str, generation: int | None) -> bytes:
     try:
@@ -309,21 +319,23 @@ class _Local:
 
   def ls(self, key: str) -> list[str]:
     """Like an object store: a directory is listed only if it holds a (visible) file."""
-    p = self._p(key)
-    if not p.is_dir():
+    try:
+      children = list(self._p(key).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
       return []
-    return [c.name for c in p.iterdir()
+    return [c.name for c in children
             if not c.name.startswith(_HIDDEN) and (c.is_file() or self._has_files(c))]
 
   def rm(self, key: str) -> int:
     p = self._p(key)
     if p.is_file():
-      p.unlink()
+      with contextlib.suppress(FileNotFoundError):  # a concurrent delete got there first
+        p.unlink()
       n = 1
     else:
       n = len(self.find(key))
       if p.is_dir():
-        shutil.rmtree(p)
+        shutil.rmtree(p, onerror=_ignore_missing)
     parent = p.parent  # drop now-empty parents, as prefixes vanish on object stores
     while parent != self.root and self.root in parent.parents:
       try:
@@ -334,11 +346,11 @@ class _Local:
     return n
 
 
-_MEMORY_LOCK = threading.Lock()
+_MEMORY_LOCK = threading.RLock()
 
 
 class _Memory:
-  """fsspec's in-process memory filesystem; a process-wide lock makes create/CAS atomic."""
+  """fsspec's in-process memory filesystem; a process-wide lock makes every operation atomic."""
 
   def __init__(self, base: str):
     self.fs = fsspec.filesystem("memory")
@@ -352,13 +364,15 @@ class _Memory:
 
   def stat(self, key: str) -> ObjectInfo | None:
     p = self._p(key)
-    return ObjectInfo(key, self.fs.size(p)) if self.fs.isfile(p) else None
+    with _MEMORY_LOCK:
+      return ObjectInfo(key, self.fs.size(p)) if self.fs.isfile(p) else None
 
   def token(self, key: str) -> tuple[bytes | None, int]:
     p = self._p(key)
-    if not self.fs.isfile(p):
-      return None, 0
-    data = self.fs.cat_file(p)
+    with _MEMORY_LOCK:
+      if not self.fs.isfile(p):
+        return None, 0
+      data = self.fs.cat_file(p)
     return data, _content_token(data)
 
   def read(self, key: str, generation: int | None) -> bytes:
@@ -390,18 +404,21 @@ class _Memory:
     return path[len(self.base) + 1:]
 
   def find(self, key: str) -> list[str]:
-    return [self._rel(p) for p in self.fs.find(self._p(key))]
+    with _MEMORY_LOCK:
+      return [self._rel(p) for p in self.fs.find(self._p(key))]
 
   def ls(self, key: str) -> list[str]:
     p = self._p(key)
-    if not self.fs.isdir(p):
-      return []
-    return [n.rstrip("/").rsplit("/", 1)[-1] for n in self.fs.ls(p, detail=False)]
+    with _MEMORY_LOCK:
+      if not self.fs.isdir(p):
+        return []
+      return [n.rstrip("/").rsplit("/", 1)[-1] for n in self.fs.ls(p, detail=False)]
 
   def rm(self, key: str) -> int:
-    files = self.find(key)
-    for f in files:
-      self.fs.rm_file(self._p(f))
+    with _MEMORY_LOCK:
+      files = self.find(key)
+      for f in files:
+        self.fs.rm_file(self._p(f))
     return len(files)
 
 
@@ -563,7 +580,8 @@ class _Gcs:
   def rm(self, key: str) -> int:
     files = self.find(key)
     if files:
-      self.fs.rm([self._p(f) for f in files])
+      with contextlib.suppress(FileNotFoundError):  # a concurrent delete got there first
+        self.fs.rm([self._p(f) for f in files])
     return len(files)
 
 

@@ -300,3 +300,39 @@ def test_prune_keeps_newest_and_latest(storage_root):
   assert pub.open_latest(s, "index").version == "000009"
   with pytest.raises(pub.PublishError, match="keep must be >= 1"):
     pub.prune(s, "index", keep=0)
+
+
+def test_reader_never_fails_while_publishing_and_pruning(storage_root):
+  """The trainer polls open_latest while the refresher publishes and prunes (keep=1), so the
+  version a reader resolved can vanish under it: it must follow LATEST, never error."""
+  s = Storage.open(storage_root)
+  pub.publish(s, "index", "0", {"a": b"0" * 100, "b": b"x"})
+  stop, seen, errors = threading.Event(), [], []
+
+  def reader():
+    r = Storage.open(storage_root)
+    while not stop.is_set():
+      try:
+        pv = pub.open_latest(r, "index")  # must always succeed
+      except Exception as e:  # noqa: BLE001 - any failure here is a bug
+        errors.append(e)
+        continue
+      seen.append(int(pv.version))
+      try:
+        assert pv.read_bytes("a") == pv.version.encode() * 100
+      except pub.CorruptVersion as e:  # pruned after it was opened: the caller re-polls
+        if "missing" not in str(e):
+          errors.append(e)
+
+  t = threading.Thread(target=reader)
+  t.start()
+  try:
+    for v in range(1, 13):
+      pub.publish(s, "index", str(v), {"a": str(v).encode() * 100, "b": b"x"})
+      pub.prune(s, "index", keep=1)
+  finally:
+    stop.set()
+    t.join()
+  assert not errors, errors[:3]
+  assert seen == sorted(seen) and seen, seen[-5:]  # never goes backwards
+  assert pub.list_versions(s, "index") == ["12"]
