@@ -401,6 +401,10 @@ def test_watch_dry_run_prints_one_pass_of_the_loop(tmp_path):
   assert all("refresh --config experiments/a.py --storage gs://my-bucket/run1;" in s
              for s in starts[2:])
   assert "# every 60 s" in r.stdout
+  ict = commands(run("watch.py", *WATCH, "--job", "ict", "--refresh-type", "v4-8",
+                     "--staging-dir", str(tmp_path), "--dry-run"))
+  assert len(ict) == 1 + len(per_role) and not any("realm-refresh" in c for c in ict)
+  assert "ict --config experiments/a.py --storage gs://my-bucket/run1 --resume;" in remote(ict[-1])
 
 
 FAKE_GCLOUD = """#!{python}

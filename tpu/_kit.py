@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +117,7 @@ ROLES = ("train", "refresh")
 
 
 def check_zone(zone: str | None) -> str:
+  """A zone like us-central2-b (a region without its letter is the usual slip)."""
   if not zone:
     raise KitError("missing zone: pass --zone (e.g. us-central2-b) or set REALM_TPU_ZONE")
   if not _ZONE.match(zone):
@@ -126,6 +128,7 @@ def check_zone(zone: str | None) -> str:
 
 
 def check_project(project: str | None) -> str:
+  """A Cloud project id: required, since every gcloud command names it."""
   if not project:
     raise KitError("missing project: pass --project or set CLOUDSDK_CORE_PROJECT")
   if not _PROJECT.match(project):
@@ -135,6 +138,7 @@ def check_project(project: str | None) -> str:
 
 
 def check_name(name: str | None) -> str:
+  """The prefix of node/queued-resource names; the longest derived name must fit 63 chars."""
   if not name:
     raise KitError("missing --name (the prefix of node and queued-resource names)")
   longest = f"{name}-refresh-qr"
@@ -207,6 +211,7 @@ class Target:
     return f"{self.name}-{self.role}-qr"
 
   def where(self) -> list[str]:
+    """The --zone/--project flags every gcloud command of this target carries."""
     return [f"--zone={self.zone}", f"--project={self.project}"]
 
 
@@ -229,6 +234,7 @@ def qr_create(t: Target, provisioning: str = "on-demand", runtime_version: str |
 
 
 def qr_describe(t: Target) -> list[str]:
+  """Prints only the queued resource's state (ACTIVE, SUSPENDED, WAITING_FOR_RESOURCES...)."""
   return ["gcloud", "compute", "tpus", "queued-resources", "describe", t.queued_resource,
           *t.where(), "--format=value(state.state)"]
 
@@ -240,21 +246,20 @@ def qr_delete(t: Target) -> list[str]:
 
 
 def ssh(t: Target, command: str, worker: str = "all") -> list[str]:
+  """Runs a bash command on one worker or, with "all", on every worker at once."""
   return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", t.node, f"--worker={worker}", *t.where(),
           f"--command={command}"]
 
 
 def scp(t: Target, src: str, dest: str, worker: str = "all", recurse: bool = False) -> list[str]:
+  """Copies a local file to dest (relative to $HOME) on one or all workers."""
   cmd = ["gcloud", "compute", "tpus", "tpu-vm", "scp", src, f"{t.node}:{dest}",
          f"--worker={worker}", *t.where()]
   return cmd + (["--recurse"] if recurse else [])
 
 
-def storage_ls(uri: str) -> list[str]:
-  return ["gcloud", "storage", "ls", uri]
-
-
 def storage_rm(uri: str) -> list[str]:
+  """Deletes every object under a run prefix (never called with a bare bucket)."""
   return ["gcloud", "storage", "rm", "--recursive", uri]
 
 
@@ -332,6 +337,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
+  """--name, --zone, --project and --dry-run, with defaults from the environment."""
   p.add_argument("--name", default=os.environ.get("REALM_TPU_NAME", "realm"),
                  help="prefix of node names: NAME-train, NAME-refresh (env REALM_TPU_NAME; "
                  "default realm)")
@@ -344,6 +350,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_type_args(p: argparse.ArgumentParser, refresh: bool = True) -> None:
+  """--train-type (alias --accelerator-type) and --refresh-type."""
   p.add_argument("--train-type", "--accelerator-type", dest="train_type",
                  default=os.environ.get("REALM_TRAIN_TYPE"),
                  help="trainer slice type, e.g. v4-32, v5litepod-64 (env REALM_TRAIN_TYPE)")
@@ -393,7 +400,7 @@ def target(args: argparse.Namespace, role: str) -> Target:
   return Target(name, role, zone, project, acc)
 
 
-def main_guard(prog: str, fn) -> int:
+def main_guard(prog: str, fn: Callable[[], int]) -> int:
   """Runs a script's main and turns KitError into one clear line on stderr and exit code 2."""
   try:
     return int(fn() or 0)

@@ -8,12 +8,13 @@ Example (prints the commands only):
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import _kit
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = _kit.base_parser(__doc__)
   _kit.add_type_args(p)
   p.add_argument("--role", choices=("both", "train", "refresh"), default="both",
@@ -27,7 +28,7 @@ def parse_args(argv: list[str] | None = None):
   return p.parse_args(argv)
 
 
-def plan(args) -> list[list[str]]:
+def plan(args: argparse.Namespace) -> list[list[str]]:
   """The queued-resource create commands for the requested roles."""
   roles = ["train", "refresh"] if args.role == "both" else [args.role]
   if args.role == "both" and not args.refresh_type:
@@ -44,6 +45,7 @@ def plan(args) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Validates the arguments, then prints (--dry-run) or runs the create commands."""
   args = parse_args(argv)
   runner = _kit.Runner(args.dry_run)
   for cmd in plan(args):

@@ -12,6 +12,7 @@ Example: tpu/install.py --project my-proj --zone us-central2-b --train-type v4-3
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -22,7 +23,7 @@ import _kit
 TARBALL = "realm-jax-src.tar.gz"
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = _kit.base_parser(__doc__)
   _kit.add_type_args(p)
   p.add_argument("--role", choices=("both", "train", "refresh"), default="both",
@@ -71,7 +72,8 @@ def remote_install_script(source: str, package: str, python: str) -> str:
   ])
 
 
-def plan(args) -> list[list[str]]:
+def plan(args: argparse.Namespace) -> list[list[str]]:
+  """git archive, then per TPU: scp the tarball to all workers and run the install script."""
   if args.source == "pypi" and not args.package.strip():
     raise _kit.KitError("--package is empty")
   roles = ["train", "refresh"] if args.role == "both" else [args.role]
@@ -89,6 +91,7 @@ def plan(args) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Validates the arguments, then prints (--dry-run) or runs the install commands."""
   args = parse_args(argv)
   cmds = plan(args)
   runner = _kit.Runner(args.dry_run)

@@ -30,6 +30,7 @@ _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=.*$")
 
 
 def role_of(job: str) -> str:
+  """The TPU a job runs on: the refresher for refresh, the trainer otherwise."""
   return "refresh" if job == "refresh" else "train"
 
 
@@ -130,6 +131,7 @@ def check_job_flags(args: argparse.Namespace, t: _kit.Target) -> tuple[str, str 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """Sub-commands pretrain/ict/finetune/refresh/stop/status sharing the common flags."""
   common = argparse.ArgumentParser(add_help=False)
   _kit.add_common_args(common)
   _kit.add_type_args(common)
@@ -158,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> list[list[str]]:
+  """The one ssh --worker=all command that starts, stops or queries the job."""
   if args.job in ("stop", "status"):
     t = _kit.target(args, role_of(args.target_job))
     if args.job == "stop":
@@ -178,6 +181,7 @@ def plan(args: argparse.Namespace) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Validates the arguments, then prints (--dry-run) or runs the ssh command."""
   args = parse_args(argv)
   runner = _kit.Runner(args.dry_run)
   for cmd in plan(args):

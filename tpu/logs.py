@@ -7,13 +7,14 @@ Example: tpu/logs.py --job pretrain --worker 0 --project my-proj --zone us-centr
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import _kit
 import launch
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = _kit.base_parser(__doc__)
   _kit.add_type_args(p)
   p.add_argument("--job", choices=launch.JOBS, default="pretrain",
@@ -25,12 +26,14 @@ def parse_args(argv: list[str] | None = None):
 
 
 def remote_tail(job: str, lines: int, follow: bool) -> str:
+  """tail (-F) of the worker's own log, each line prefixed with [worker W]."""
   log = _kit.log_file(f"{job}-worker-$W.log")
   flags = f"-n {lines}" + (" -F" if follow else "")
   return "; ".join([_kit.WORKER_ID, f'tail {flags} {log} | sed -u "s/^/[worker $W] /"'])
 
 
-def plan(args) -> list[list[str]]:
+def plan(args: argparse.Namespace) -> list[list[str]]:
+  """The ssh command for the chosen worker(s), after checking the index against the slice."""
   t = _kit.target(args, launch.role_of(args.job))
   worker = _kit.check_worker(args.worker, t.acc)
   if args.lines < 0:
@@ -39,6 +42,7 @@ def plan(args) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Validates the arguments, then prints (--dry-run) or runs the ssh command."""
   args = parse_args(argv)
   runner = _kit.Runner(args.dry_run)
   for cmd in plan(args):

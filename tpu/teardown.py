@@ -8,13 +8,14 @@ Example: tpu/teardown.py --project my-proj --zone us-central2-b --train-type v4-
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import _kit
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = _kit.base_parser(__doc__)
   _kit.add_type_args(p)
   p.add_argument("--role", choices=("both", "train", "refresh"), default="both",
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None):
   return p.parse_args(argv)
 
 
-def check_storage_deletion(args) -> str:
+def check_storage_deletion(args: argparse.Namespace) -> str:
   """The URI to delete, after checks: gs:// with a run prefix, confirmed by the user."""
   uri = (args.storage or "").rstrip("/")
   if not uri:
@@ -53,7 +54,8 @@ def check_storage_deletion(args) -> str:
   return uri
 
 
-def plan(args) -> list[list[str]]:
+def plan(args: argparse.Namespace) -> list[list[str]]:
+  """Queued-resource deletions, then (confirmed) the storage prefix deletion."""
   roles = ["train", "refresh"] if args.role == "both" else [args.role]
   if args.role == "both" and not args.refresh_type:
     roles = ["train"]
@@ -66,6 +68,7 @@ def plan(args) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Validates and confirms everything, then prints (--dry-run) or runs the deletions."""
   args = parse_args(argv)
   runner = _kit.Runner(args.dry_run)
   for cmd in plan(args):  # every check (and the confirmation) happens before the first command

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 
@@ -51,6 +52,7 @@ class Watched:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """Trainer job and config, re-creation options, install source and the loop's bounds."""
   p = _kit.base_parser(__doc__)
   _kit.add_type_args(p)
   p.add_argument("--job", choices=("pretrain", "ict"), default="pretrain", help="trainer job")
@@ -61,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="trainer config overrides")
   p.add_argument("--env", action="append", metavar="NAME=VALUE", help="job environment")
   p.add_argument("--no-refresher", action="store_true",
-                 help="watch only the trainer even if --refresh-type is set")
+                 help="watch only the trainer even if --refresh-type is set (ict never watches "
+                 "the refresher: it retrieves in-batch, without an index)")
   p.add_argument("--provisioning", choices=_kit.PROVISIONING, default="spot",
                  help="trainer capacity used when re-creating (default spot)")
   p.add_argument("--refresh-provisioning", choices=_kit.PROVISIONING, default=None,
@@ -82,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_bounds(args: argparse.Namespace) -> None:
+  """The loop must be bounded: positive polls, relaunches and unhealthy-poll threshold."""
   if args.interval < 0:
     raise _kit.KitError(f"--interval {args.interval} must be >= 0")
   for flag in ("max_polls", "max_relaunches", "unhealthy_polls"):
@@ -103,7 +107,7 @@ def build(args: argparse.Namespace) -> list[Watched]:
   create_flags = _kit.create_flags(args)
   watched.append(Watched(t, args.job, args.provisioning, start,
                          _kit.qr_create(t, args.provisioning, args.runtime_version, create_flags)))
-  if args.refresh_type and not args.no_refresher:
+  if args.refresh_type and not args.no_refresher and args.job == "pretrain":
     r = _kit.target(args, "refresh")
     config = args.refresh_config or args.config
     ns = argparse.Namespace(job="refresh", config=config, storage=args.storage, set=None,
@@ -118,6 +122,7 @@ def build(args: argparse.Namespace) -> list[Watched]:
 
 
 def install_commands(args: argparse.Namespace, t: _kit.Target) -> list[list[str]]:
+  """install.py's scp + ssh for a re-created TPU (the tarball is built once at start)."""
   script = install.remote_install_script(args.install_from, args.package, "python3.11")
   tarball = os.path.join(args.staging_dir, install.TARBALL)
   return [_kit.scp(t, tarball, install.TARBALL), _kit.ssh(t, script)]
@@ -227,11 +232,15 @@ def watch(args: argparse.Namespace, watched: list[Watched], runner: _kit.Runner)
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Validates everything, then prints one pass of the loop (--dry-run) or runs the loop."""
   args = parse_args(argv)
   watched = build(args)
   if args.dry_run:
     print_plan(args, watched)
     return 0
+  if not shutil.which("gcloud"):
+    raise _kit.KitError("gcloud not found on PATH: install the Google Cloud CLI "
+                        "(https://cloud.google.com/sdk/docs/install)")
   os.makedirs(args.staging_dir, exist_ok=True)
   return watch(args, watched, _kit.Runner(False))
 
