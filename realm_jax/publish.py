@@ -193,6 +193,10 @@ def publish(storage: Storage, prefix: str, version: str, files: Mapping[str, Fil
   names = sorted(files)
   for name in names:
     _check_name(name)
+  try:
+    json.dumps(dict(metadata or {}), allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise PublishError(f"metadata for {version} is not JSON-serialisable: {e}") from None
   pointer, expected = _read_pointer(storage, prefix)
   if pointer and not allow_older and key <= version_key(pointer["version"]):
     raise PublishConflict(f"{storage.uri(_join(prefix, LATEST))} already names "

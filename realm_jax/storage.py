@@ -531,10 +531,11 @@ class _Gcs:
     with self._preconditions(key, if_generation_match):
       blob.upload_from_string(bytes(data), content_type="application/octet-stream",
                               if_generation_match=if_generation_match)
-    info = self._info(key, blob)
-    if info.crc32c is not None and info.crc32c != crc32c_hex(data):
-      raise StorageError(f"{self.uri(key)}: server checksum {info.crc32c} != uploaded data")
-    return info
+    info, crc = self._info(key, blob), crc32c_hex(data)
+    if info.crc32c not in (None, crc) or info.size != len(data):
+      raise StorageError(f"{self.uri(key)}: server has {info.size} bytes/crc32c {info.crc32c}, "
+                         f"uploaded {len(data)} bytes/crc32c {crc}")
+    return dataclasses.replace(info, crc32c=crc)
 
   def put_file(self, local: str, key: str, if_generation_match: int | None) -> ObjectInfo:
     blob = self.bucket.blob(self._k(key))
@@ -544,10 +545,10 @@ class _Gcs:
                                 if_generation_match=if_generation_match)
     info = self._info(key, blob)
     size, crc = file_crc32c(local)
-    if info.size != size or (info.crc32c is not None and info.crc32c != crc):
+    if info.size != size or info.crc32c not in (None, crc):
       raise StorageError(f"{self.uri(key)}: server has {info.size} bytes/crc32c {info.crc32c}, "
                          f"{local} has {size} bytes/crc32c {crc}")
-    return info
+    return dataclasses.replace(info, crc32c=crc)
 
   def get_file(self, key: str, local: str, generation: int | None) -> None:
     from google.api_core import exceptions as gex
@@ -682,6 +683,8 @@ class Storage:
                if_generation_match: int | None = None) -> ObjectInfo:
     """Upload a local file (streamed, not held in memory) with the same guarantees as
     write_bytes."""
+    if not os.path.isfile(local_file):
+      raise StorageError(f"{local_file}: no such local file to upload to {self.uri(path)}")
     return self._b.put_file(os.fspath(local_file), _check_rel(path),
                             self._precondition(exclusive, if_generation_match))
 

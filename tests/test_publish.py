@@ -167,6 +167,11 @@ def test_publish_refuses_older_or_same_version(storage_root, tmp_path):
   assert pub.read_latest(s, "index").version == "000009"
   with pytest.raises(pub.PublishError, match="invalid file name"):
     pub.publish(s, "index", "11", {"manifest.json": b"x"})
+  with pytest.raises(pub.PublishError, match="not JSON-serialisable"):
+    pub.publish(s, "index", "11", {"a": b"x"}, {"loss": float("nan")})
+  with pytest.raises(RealmError, match="no-such-file.bin: no such local file"):
+    pub.publish(s, "index", "11", {"a": b"x", "b": tmp_path / "no-such-file.bin"})
+  assert pub.read_latest(s, "index").version == "000009"
 
 
 def test_corrupted_file_is_refused_naming_it(storage_root, tmp_path):
