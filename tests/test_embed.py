@@ -30,11 +30,12 @@ def write_docs(path, num_docs: int):
   return str(path)
 
 
-def make_corpus(storage, tmp_path, num_docs: int = 10, shard_blocks: int = 5) -> CorpusReader:
-  """A real corpus built by the corpus module (MiniLM vocabulary), in `corpus/` of `storage`."""
+def make_corpus(storage, tmp_path, num_docs: int = 10, shard_blocks: int = 5,
+                prefix: str = "corpus") -> CorpusReader:
+  """A real corpus built by the corpus module (MiniLM vocabulary), in `prefix/` of `storage`."""
   docs = write_docs(tmp_path / f"docs-{num_docs}.jsonl", num_docs)
-  build_corpus([docs], storage, block_len=BLOCK_LEN, shard_blocks=shard_blocks)
-  return CorpusReader(storage)
+  build_corpus([docs], storage, prefix, block_len=BLOCK_LEN, shard_blocks=shard_blocks)
+  return CorpusReader(storage, prefix)
 
 
 def make_embedder(seed: int = 0) -> RetrieverEmbedder:

@@ -1,0 +1,142 @@
+"""Index versions: build + publish + load round trips on every backend, resume at the same step,
+retention, and refusal of corrupted, missing or mismatched indices."""
+
+import numpy as np
+import pytest
+
+from realm_jax import publish
+from realm_jax.errors import RealmError
+from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval.embed import make_embed_fn
+from realm_jax.storage import Storage
+from tests.test_embed import (BLOCK_LEN, CFG, CrashAfter, make_corpus, make_embedder,
+                              reference)
+from realm_jax.data.features import blocks_doc_inputs
+
+
+@pytest.fixture(scope="module")
+def embedder():
+  return make_embedder()
+
+
+@pytest.fixture(scope="module")
+def embed_fn(embedder):
+  return make_embed_fn(embedder, batch_size=8)
+
+
+def _expected(embedder, corpus) -> np.ndarray:
+  blocks = list(corpus.iter_blocks())
+  return reference(embedder, blocks_doc_inputs(blocks, BLOCK_LEN, corpus.tokenizer()))
+
+
+def _build(storage, embedder, corpus, step, **kw):
+  return index_lib.build_and_publish_index(storage, embedder, corpus, CFG, step=step, **kw)
+
+
+def test_round_trip(storage_root, tmp_path, embedder):
+  storage = Storage.open(storage_root)
+  corpus = make_corpus(storage, tmp_path)
+  assert index_lib.latest_index_info(storage) is None
+  with pytest.raises(index_lib.IndexLoadError, match="no index published"):
+    index_lib.load_index(storage)
+
+  built = _build(storage, embedder, corpus, 100, with_scann=True)  # default mesh: 8 devices
+  info = index_lib.latest_index_info(storage)
+  assert info.version == built.version and info.version.startswith("000000000100-")
+  assert (info.step, info.num_blocks, info.dim, info.dtype) == (100, corpus.num_blocks, 128, "float32")
+  assert info.config_fingerprint == CFG.fingerprint()
+  assert info.corpus_sha256 == index_lib.corpus_fingerprint(corpus)
+  assert info.has_scann and info.timings["embed_seconds"] > 0 and info.timings["scann_seconds"] > 0
+  assert [r for _, r in info.shards] == [s["num_blocks"] for s in corpus.shards]
+  assert storage.list(index_lib.WORK_PREFIX) == []  # staging cleaned after publishing
+
+  loaded = index_lib.load_index(storage, corpus=corpus, config=CFG)
+  assert loaded.version == built.version and loaded.metadata["step"] == 100
+  want = _expected(embedder, corpus)
+  assert loaded.embeddings.dtype == np.float32
+  np.testing.assert_allclose(loaded.embeddings, want, atol=1e-5)
+
+  searcher = loaded.load_searcher()  # staged through a temp dir, files checked
+  queries = want[:4] + 0.01
+  result = searcher.search(queries, 5)
+  brute = np.argsort(-(queries @ want.T), axis=1, kind="stable")[:, :5]
+  np.testing.assert_array_equal(result.ids, brute)
+  staged = loaded.stage_searcher(tmp_path / "stage")
+  assert (staged / "realm_searcher.json").is_file()
+
+
+def test_versions_retention_and_conflict(tmp_path, embedder, embed_fn):
+  storage = Storage.open(str(tmp_path / "root"))
+  corpus = make_corpus(storage, tmp_path, num_docs=4, shard_blocks=4)
+  infos = [_build(storage, embedder, corpus, step, keep=2, embed_fn=embed_fn) for step in (10, 20, 30)]
+  assert publish.list_versions(storage, "index") == [i.version for i in infos[1:]]
+  assert index_lib.latest_index_info(storage).step == 30
+  old = index_lib.load_index(storage, infos[1].version)
+  assert old.info.step == 20
+  np.testing.assert_array_equal(old.embeddings, index_lib.load_index(storage).embeddings)
+  with pytest.raises(publish.PublishConflict, match="not older"):
+    _build(storage, embedder, corpus, 20, embed_fn=embed_fn)
+
+
+def test_resume_at_same_step(tmp_path, embedder, embed_fn):
+  storage = Storage.open(str(tmp_path / "root"))
+  corpus = make_corpus(storage, tmp_path)
+  assert corpus.num_shards == 4
+  crashing = CrashAfter(embed_fn, crash_on=4)
+  with pytest.raises(RuntimeError, match="simulated"):
+    _build(storage, embedder, corpus, 7, embed_fn=crashing)
+  assert index_lib.latest_index_info(storage) is None  # nothing published
+  assert len([p for p in storage.list(index_lib.WORK_PREFIX) if p.endswith(".npy")]) == 3
+
+  resumed = CrashAfter(embed_fn)
+  info = _build(storage, embedder, corpus, 7, embed_fn=resumed)
+  assert resumed.calls == 1  # only the last shard was left
+  np.testing.assert_allclose(index_lib.load_index(storage, corpus=corpus).embeddings,
+                             _expected(embedder, corpus), atol=1e-5)
+  assert info.step == 7 and storage.list(index_lib.WORK_PREFIX) == []
+
+
+def _published(storage, embedder, embed_fn, corpus, step):
+  info = _build(storage, embedder, corpus, step, embed_fn=embed_fn, keep=5)
+  return info, f"index/{info.version}"
+
+
+def test_corrupt_or_missing_files_refused(shared_storage_root, tmp_path, embedder, embed_fn):
+  storage = Storage.open(shared_storage_root)
+  corpus = make_corpus(storage, tmp_path, num_docs=6, shard_blocks=4)
+  assert corpus.num_shards >= 2
+
+  info, vdir = _published(storage, embedder, embed_fn, corpus, 1)
+  name = "embeddings/emb-00001.npy"
+  data = bytearray(storage.read_bytes(f"{vdir}/{name}"))
+  data[-1] ^= 0xFF  # same size, one flipped byte
+  storage.write_bytes(f"{vdir}/{name}", bytes(data))
+  assert index_lib.latest_index_info(storage).version == info.version  # cheap: no data read
+  with pytest.raises(RealmError, match=r"emb-00001\.npy"):
+    index_lib.load_index(storage)
+
+  info, vdir = _published(storage, embedder, embed_fn, corpus, 2)
+  storage.delete(f"{vdir}/embeddings/emb-00000.npy")
+  with pytest.raises(RealmError, match=r"emb-00000\.npy"):
+    index_lib.load_index(storage)
+
+  info, vdir = _published(storage, embedder, embed_fn, corpus, 3)
+  storage.write_bytes(f"{vdir}/manifest.json", b'{"format": 1, "files": ')
+  with pytest.raises(RealmError, match=r"manifest\.json"):
+    index_lib.latest_index_info(storage)
+  with pytest.raises(RealmError, match=r"manifest\.json"):
+    index_lib.load_index(storage)
+
+
+def test_mismatched_corpus_or_config_refused(tmp_path, embedder, embed_fn):
+  storage = Storage.open(str(tmp_path / "root"))
+  corpus = make_corpus(storage, tmp_path)
+  smaller = make_corpus(storage, tmp_path, num_docs=6, prefix="corpus-small")
+  assert smaller.num_blocks != corpus.num_blocks
+  _build(storage, embedder, corpus, 1, embed_fn=embed_fn)
+  index_lib.load_index(storage, corpus=corpus, config=CFG)
+  with pytest.raises(index_lib.IndexMismatch,
+                     match=rf"{corpus.num_blocks} blocks, the corpus has {smaller.num_blocks}"):
+    index_lib.load_index(storage, corpus=smaller)
+  with pytest.raises(index_lib.IndexMismatch, match="model config"):
+    index_lib.load_index(storage, config=CFG.replace(retriever_dim=64))
