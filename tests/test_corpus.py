@@ -142,6 +142,18 @@ def test_real_excerpt_has_no_list_pages_and_no_markup(wiki_docs):
     assert text.count(leftover) <= 2, leftover
 
 
+def test_worker_processes_strip_the_same_text(tmp_path):
+  raw = bz2.open(sources.wikipedia_excerpt()).read().decode("utf-8")
+  pages = [p for p in re.findall(r"<page>.*?</page>", raw, re.DOTALL) if "<redirect" not in p]
+  pages = [p for p in pages if len(p) < 20_000][:8]  # small articles: a fast test
+  path = tmp_path / "part.xml"
+  path.write_text(f"<mediawiki>{''.join(pages)}</mediawiki>", encoding="utf-8")
+  serial = list(read_mediawiki(str(path)))
+  parallel = list(read_mediawiki(str(path), workers=2, window=3))
+  assert len(serial) >= 5
+  assert [(d.title, d.text, d.source) for d in parallel] == [(d.title, d.text, d.source) for d in serial]
+
+
 def test_text_documents_are_blank_line_separated_with_title_first(tmp_path, vocab):
   path = tmp_path / "docs.txt"
   path.write_text("Paris\nParis is the capital of France.\nIt is on the Seine.\n\n\nRome\n"

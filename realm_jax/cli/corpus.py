@@ -12,7 +12,7 @@ def _build(args: argparse.Namespace) -> int:
 
   manifest = build_corpus(args.input, args.storage, prefix=args.prefix, tokenizer=args.tokenizer,
                           block_len=args.block_len, tagger=args.tagger, shard_blocks=args.shard_blocks,
-                          overwrite=args.overwrite, progress=not args.quiet)
+                          overwrite=args.overwrite, progress=not args.quiet, workers=args.workers)
   s = manifest["stats"]
   frac = s["sentences_with_salient"] / max(1, s["sentences"])
   print(f"wrote {manifest['num_blocks']:,} blocks in {len(manifest['shards'])} shards to "
@@ -61,6 +61,8 @@ def register(sub) -> None:
   build.add_argument("--block-len", type=int, default=288, help="tokens per block with specials")
   build.add_argument("--tagger", default="rule", help="salient-span tagger: rule, rule-nonumbers, spacy")
   build.add_argument("--shard-blocks", type=int, default=10_000, help="blocks per shard")
+  build.add_argument("--workers", type=int, default=1,
+                     help="processes stripping MediaWiki markup (the slow step for dumps)")
   build.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
   build.add_argument("--quiet", action="store_true", help="no progress bar")
   build.set_defaults(func=_build)
