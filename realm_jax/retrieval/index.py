@@ -241,16 +241,32 @@ class LoadedIndex:
 
 
 def load_index(storage, version: str | None = None, *, prefix: str = PREFIX, corpus=None,
-               config: RealmConfig | None = None) -> LoadedIndex:
+               config: RealmConfig | None = None, attempts: int = 3) -> LoadedIndex:
   """Loads LATEST (or `version`): every file verified against the manifest, the embeddings
   concatenated as float32. With `corpus` / `config`, refuses an index built for another corpus
-  (num_blocks, manifest hash) or model (config fingerprint) with IndexMismatch."""
-  if version is None:
+  (num_blocks, manifest hash) or model (config fingerprint) with IndexMismatch.
+
+  Following LATEST, a version that vanishes mid-read because a newer one was published and the
+  old one pruned is retried on the new LATEST (up to `attempts` times); a bad version that LATEST
+  still names raises."""
+  if version is not None:
+    return _load_version(storage, prefix, publish.open_version(storage, prefix, version), corpus,
+                         config)
+  for attempt in range(attempts):
     pv = publish.open_latest(storage, prefix, verify=True)
     if pv is None:
       raise IndexLoadError(f"{storage.uri(f'{prefix}/{publish.LATEST}')}: no index published")
-  else:
-    pv = publish.open_version(storage, prefix, version, verify=True)
+    try:
+      return _load_version(storage, prefix, pv, corpus, config)
+    except publish.CorruptVersion:
+      now = publish.read_latest(storage, prefix)
+      if attempt == attempts - 1 or now is None or now.version == pv.version:
+        raise
+  raise AssertionError("unreachable")
+
+
+def _load_version(storage, prefix: str, pv: publish.PublishedVersion, corpus,
+                  config: RealmConfig | None) -> LoadedIndex:
   info = IndexInfo.from_manifest(pv.manifest, pv.uri(publish.MANIFEST))
   if corpus is not None:
     if info.num_blocks != corpus.num_blocks:
