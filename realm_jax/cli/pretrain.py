@@ -1,8 +1,43 @@
 """`realm-jax pretrain` and `realm-jax ict`: REALM pre-training and the ICT warm start."""
 
-from realm_jax.cli.not_yet import register_placeholder
+from __future__ import annotations
+
+import argparse
+import logging
 
 
-def register(sub):
-  register_placeholder(sub, "pretrain", "REALM pre-training with retrieval inside the step", 5)
-  register_placeholder(sub, "ict", "Inverse Cloze Task warm start of the retriever", 5)
+def _add(sub: argparse._SubParsersAction, name: str, help_text: str, task: str, default_config: str) -> None:
+  p = sub.add_parser(name, help=help_text, description=help_text)
+  p.add_argument("--config", default=default_config,
+                 help=f"experiment file or name under experiments/ (default {default_config})")
+  p.add_argument("--storage", required=True, help="storage root URI: gs://bucket/run, file:///path or a path")
+  p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the root")
+  p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                 help="override a config field, e.g. --set batch_size=64 --set model.marginal=span")
+  p.add_argument("--synchronous-refresh", action="store_true",
+                 help="stop, re-embed and continue every sync_refresh_every steps instead of an async refresher")
+  p.add_argument("--stop-after", type=int, default=None, help="run at most this many steps now (no TRAINING_DONE)")
+  p.set_defaults(func=lambda args: run(args, task))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+  _add(sub, "pretrain", "REALM pre-training with retrieval inside the step", "realm", "smoke")
+  _add(sub, "ict", "Inverse Cloze Task warm start of the retriever (ORQA)", "ict", "ict_smoke")
+
+
+def run(args: argparse.Namespace, task: str) -> int:
+  from realm_jax.errors import ConfigError
+  from realm_jax.train.config import load_config
+  from realm_jax.train.trainer import Trainer
+
+  logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+  logging.getLogger("realm_jax").setLevel(logging.INFO)
+  overrides = list(args.set)
+  if args.synchronous_refresh:
+    overrides.append("index_refresh=sync")
+  cfg = load_config(args.config, overrides)
+  if cfg.task != task:
+    raise ConfigError(f"{args.config} is a {cfg.task!r} config; use `realm-jax {'ict' if cfg.task == 'ict' else 'pretrain'}`")
+  result = Trainer(cfg, args.storage, resume=args.resume, stop_after=args.stop_after).run()
+  print(f"realm-jax {args.command}: finished at step {result.step}; index versions used: {len(result.index_versions)}")
+  return 0

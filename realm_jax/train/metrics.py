@@ -1,0 +1,64 @@
+"""Training metrics: TensorBoard event files and a JSONL log under `<root>/metrics`, plus a
+console progress line (step, loss, examples/s, ETA). Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from realm_jax.storage import Storage
+
+
+class MetricsWriter:
+  """Scalars to TensorBoard (tensorboardX) and `metrics/<name>.jsonl` on the storage root."""
+
+  def __init__(self, storage: Storage, name: str = "train", enabled: bool = True):
+    self.storage, self.name, self.enabled = storage, name, enabled
+    self.rows: list[dict] = []
+    self._tb = None
+    self._tb_dir = None
+    if not enabled:
+      return
+    path = f"metrics/{name}.jsonl"
+    if storage.exists(path):  # a resumed run appends to its earlier log
+      self.rows = [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line]
+    from tensorboardX import SummaryWriter
+    if storage.kind == "local":
+      self._tb_dir = str(storage.local_path(f"metrics/tb-{name}"))
+      os.makedirs(self._tb_dir, exist_ok=True)
+      self._upload = False
+    else:  # object stores: write locally, upload the event files at each flush
+      self._tb_dir = tempfile.mkdtemp(prefix="realm-jax-tb-")
+      self._upload = True
+    self._tb = SummaryWriter(self._tb_dir, flush_secs=30)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
+    self.rows = [r for r in self.rows if r["step"] < step] + [row]  # a resumed run rewrites its tail
+    for k, v in scalars.items():
+      self._tb.add_scalar(f"{self.name}/{k}", float(v), int(step))
+
+  def flush(self) -> None:
+    if not self.enabled:
+      return
+    self._tb.flush()
+    data = "".join(json.dumps(r) + "\n" for r in self.rows).encode()
+    self.storage.write_bytes(f"metrics/{self.name}.jsonl", data)
+    if self._upload:
+      for fname in os.listdir(self._tb_dir):
+        self.storage.put_file(os.path.join(self._tb_dir, fname), f"metrics/tb-{self.name}/{fname}")
+
+  def close(self) -> None:
+    if self.enabled:
+      self.flush()
+      self._tb.close()
+
+
+def progress_line(step: int, total: int, scalars: dict[str, float], examples_per_s: float, eta_s: float) -> str:
+  shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k != "gold_count")
+  eta = f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s" if eta_s == eta_s else "?"
+  return f"step {step}/{total} {shown} ex/s={examples_per_s:.1f} ETA {eta}"

@@ -1,0 +1,103 @@
+"""The REALM pre-training loss, read top to bottom: retrieve, re-embed, read, marginalise.
+
+1. embed the masked query with the query tower;
+2. retrieve the top k-1 blocks from the (stale) index on the mesh, excluding the query's own block;
+3. prepend the null document; re-embed all k candidates with the *current* document tower, so the
+   gradient reaches both towers (the stale index only chooses the candidates);
+4. run the knowledge-augmented encoder over `[CLS] query [SEP] body [SEP]` for every candidate;
+5. maximise log sum_z p(z|x) p(y|z,x) (per token by default, per span behind a flag).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from realm_jax.models import marginal_log_likelihood, relevance_scores
+from realm_jax.retrieval import mips
+from realm_jax.train.device_corpus import DeviceCorpus, doc_inputs_from_tokens, gather_rows, joint_inputs
+
+
+def retrieve_candidates(query_emb: jax.Array, index: mips.RowShardedEmbeddings, exclude: jax.Array,
+                        num_candidates: int, approx: bool) -> jax.Array:
+  """Global block ids `[B, num_candidates - 1]` (-1 where the corpus has too few blocks)."""
+  found = mips.search(jax.lax.stop_gradient(query_emb), index, num_candidates - 1,
+                      exclude_ids=exclude[:, None], approx=approx)
+  return found.ids
+
+
+def null_document(corpus: DeviceCorpus, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
+  """Token rows of the null document for the doc tower (`[CLS] [SEP] [SEP]`) and the encoder (`[SEP]`)."""
+  doc = jnp.full((batch, 1, length), corpus.pad_id, jnp.int32)
+  doc = doc.at[:, :, 0].set(corpus.cls_id).at[:, :, 1].set(corpus.sep_id).at[:, :, 2].set(corpus.sep_id)
+  body = jnp.full((batch, 1, length), corpus.pad_id, jnp.int32).at[:, :, 0].set(corpus.sep_id)
+  return doc, body
+
+
+def realm_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: DeviceCorpus,
+               index: mips.RowShardedEmbeddings, per_span: bool = False, approx: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Loss and metrics of one REALM batch (see the module docstring)."""
+  cfg = model.config
+  c = cfg.num_candidates
+  q_emb = model.retriever.embed_queries(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  b = q_emb.shape[0]
+
+  if "candidate_ids" in batch:  # retrieved on the host (ScaNN in the input pipeline)
+    ids = batch["candidate_ids"]
+  else:
+    ids = retrieve_candidates(q_emb, index, batch["block_id"], c, approx)  # [B, C-1]
+  null_doc, null_body = null_document(corpus, b, corpus.doc_tokens.embeddings.shape[1])
+  doc_tokens = jnp.concatenate([null_doc, gather_rows(corpus.doc_tokens, ids)], axis=1)  # [B, C, Lb]
+  body_tokens = jnp.concatenate([null_body, gather_rows(corpus.body_tokens, ids)], axis=1)
+  valid = jnp.concatenate([jnp.ones((b, 1), bool), ids >= 0], axis=1)  # [B, C]
+
+  d_emb = model.retriever.embed_docs(*doc_inputs_from_tokens(doc_tokens, corpus.pad_id, corpus.sep_id))
+  scores = jnp.where(valid, relevance_scores(q_emb, d_emb), -1e9)  # [B, C]
+
+  joint = joint_inputs(batch["input_ids"], batch["attention_mask"], body_tokens, corpus.pad_id)
+  positions = jnp.broadcast_to(batch["mlm_positions"][:, None, :], (b, c, batch["mlm_positions"].shape[-1]))
+  logits = model.encoder(*joint, mlm_positions=positions)  # [B, C, M, V]
+  loss, aux = marginal_log_likelihood(logits, batch["mlm_targets"], batch["mlm_weights"], scores, per_span)
+  return loss, realm_metrics(logits, scores, aux, batch, ids, loss)
+
+
+def realm_metrics(logits, scores, aux, batch, ids, loss) -> dict[str, jax.Array]:
+  """MLM accuracy of the marginal prediction, retrieval utility vs the null document, p(z|x)
+  entropy, and recall of a known gold block where the batch names one (`gold_block_id` >= 0)."""
+  w = batch["mlm_weights"]
+  log_p_z = aux["log_p_z"]  # [B, C]
+  marginal = jax.nn.logsumexp(log_p_z[:, :, None, None] + jax.nn.log_softmax(logits, -1), axis=1)  # [B, M, V]
+  correct = (jnp.argmax(marginal, -1) == batch["mlm_targets"]).astype(jnp.float32)
+  lp = aux["log_p_y_given_z"]  # [B, C], candidate 0 is the null document
+  top1 = 1 + jnp.argmax(scores[:, 1:], axis=-1)
+  utility = jnp.take_along_axis(lp, top1[:, None], axis=1)[:, 0] - lp[:, 0]
+  has_target = (w.sum(-1) > 0).astype(jnp.float32)
+  entropy = -(jnp.exp(log_p_z) * log_p_z).sum(-1)
+  gold = batch.get("gold_block_id", jnp.full(ids.shape[:1], -1, jnp.int32))
+  has_gold = (gold >= 0).astype(jnp.float32)
+  hit = jnp.any(ids == gold[:, None], axis=-1).astype(jnp.float32) * has_gold
+  n = jnp.maximum(has_target.sum(), 1.0)
+  return {
+      "loss": loss,
+      "mlm_accuracy": (correct * w).sum() / jnp.maximum(w.sum(), 1.0),
+      "retrieval_utility": (utility * has_target).sum() / n,
+      "p_z_entropy": (entropy * has_target).sum() / n,
+      "null_doc_prob": (jnp.exp(log_p_z[:, 0]) * has_target).sum() / n,
+      "gold_recall": hit.sum() / jnp.maximum(has_gold.sum(), 1.0),
+      "gold_count": has_gold.sum(),
+  }
+
+
+def ict_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ORQA's Inverse Cloze Task: each sentence must pick its own block among every block of the
+  global batch (in-batch softmax; under jit the batch-sharded embeddings are all-gathered)."""
+  q = model.retriever.embed_queries(batch["query_input_ids"], batch["query_attention_mask"], batch["query_token_type_ids"])
+  d = model.retriever.embed_docs(batch["block_input_ids"], batch["block_attention_mask"], batch["block_token_type_ids"])
+  logits = q @ d.T  # [B, B]
+  labels = jnp.arange(q.shape[0])
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  loss = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+  accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+  return loss, {"loss": loss, "ict_accuracy": accuracy}
