@@ -25,9 +25,12 @@ def _convert_hf(args: argparse.Namespace) -> int:
 def _convert_index(args: argparse.Namespace) -> int:
   from realm_jax.convert import index
 
+  from realm_jax.convert import tf as tfconv
+
+  config = tfconv.parse_config(args.config) if args.config else None
   index.convert_index(args.checkpoint, args.storage, var=args.var, blocks=args.blocks, titles=args.titles,
                       rows_per_shard=args.rows_per_shard, build_scann=not args.no_scann,
-                      tokenizer=args.tokenizer)
+                      tokenizer=args.tokenizer, tagger=args.tagger, config=config, step=args.step)
   return 0
 
 
@@ -67,11 +70,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "memory) into embedding shards, and the TFRecords of block texts into our corpus.")
   ix.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint prefix holding the embeddings")
   ix.add_argument("--var", default="block_emb", help="variable name (default block_emb)")
-  ix.add_argument("--blocks", metavar="TFR", help="blocks.tfr (one UTF-8 block text per record)")
+  ix.add_argument("--blocks", metavar="TFR", help="blocks.tfr (one UTF-8 block text per record); without it only "
+                  "embedding shards are written, under imported-embeddings/")
   ix.add_argument("--titles", metavar="TFR", help="titles.tfr (one title per record, same order)")
   ix.add_argument("--storage", required=True, metavar="URI", help="storage root to write into")
-  ix.add_argument("--rows-per-shard", type=int, default=1 << 20)
-  ix.add_argument("--tokenizer", default=None, help="tokenize the blocks into the corpus with this tokenizer")
+  ix.add_argument("--rows-per-shard", type=int, default=50_000, help="blocks per corpus / embedding shard")
+  ix.add_argument("--tokenizer", default="minilm", help="tokenizer for the corpus (default: bert-base-uncased vocab)")
+  ix.add_argument("--tagger", default=None, help="salient-span tagger for the corpus (rule, spacy); default none")
+  ix.add_argument("--config", help="model config the embeddings belong to (preset/JSON; default base), "
+                  "recorded as the index's config fingerprint")
+  ix.add_argument("--step", type=int, default=0, help="checkpoint step recorded in the index version")
   ix.add_argument("--no-scann", action="store_true", help="write the embedding shards only")
   ix.set_defaults(func=_convert_index)
 
