@@ -93,6 +93,26 @@ def test_tokens_are_the_tokenization_of_the_block_text(wiki, vocab):
     assert tok.encode(b.text).ids.tolist() == b.body_ids.tolist(), b.block_id
 
 
+def test_sentencepiece_corpus(tmp_path, wiki_articles):
+  from realm_jax.data.tokenizer import train_sentencepiece
+
+  docs = wiki_articles[:6]
+  tok = train_sentencepiece((s for d in docs for s in d.text.split("\n")), 1000, tmp_path / "spm")
+  build_corpus(docs, str(tmp_path / "root"), tokenizer=str(tmp_path / "spm"), block_len=128)
+  reader = CorpusReader(str(tmp_path / "root"))
+  assert reader.tokenizer().spec() == tok.spec() and reader.manifest["tokenizer"]["kind"] == "sentencepiece"
+  blocks = list(reader.iter_blocks())
+  assert len(blocks) > 50
+  for b in blocks:
+    assert len(b.title_ids) + len(b.body_ids) + 3 <= 128
+    # A block's tokens are its sentences' tokens, sentence by sentence.
+    ids = np.concatenate([tok.encode(b.text[s:e]).ids for s, e in b.sentences])
+    assert ids.tolist() == b.body_ids.tolist()
+  for title in {d.title for d in docs}:
+    joined = " ".join(b.text for b in blocks if b.title == title)
+    assert _norm(joined) == _norm(next(d.text for d in docs if d.title == title))
+
+
 def test_sentences_and_salient_spans(wiki):
   manifest, _, blocks = wiki
   sentences = with_span = 0
@@ -332,22 +352,25 @@ def test_long_sentences_are_cut_on_token_boundaries(tmp_path, vocab):
 # CLI and TFDS.
 
 
-def test_cli_build_info_show_and_errors(tmp_path, wiki_docs, vocab):
+def test_cli_build_info_show_and_errors(tmp_path, wiki_docs, vocab, capsys):
+  from realm_jax.cli.main import main
+
   docs = _write_jsonl(tmp_path / "docs.jsonl", _small_docs(wiki_docs, 2))
   root = str(tmp_path / "root")
-  run = lambda *a: subprocess.run([sys.executable, "-m", "realm_jax.cli.main", "corpus", *a],  # noqa: E731
-                                  capture_output=True, text=True, cwd=REPO, timeout=300)
-  proc = run("build", "--input", docs, "--storage", root, "--tokenizer", vocab, "--quiet")
-  assert proc.returncode == 0, proc.stderr
+  assert main(["corpus", "build", "--input", docs, "--storage", root, "--tokenizer", vocab, "--quiet"]) == 0
   n = CorpusReader(root).num_blocks
-  assert re.search(rf"wrote {n} blocks in 1 shards", proc.stdout)
-  proc = run("show", "--storage", root, "0", str(n - 1))
-  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert re.search(rf"wrote {n} blocks in 1 shards", capsys.readouterr().out)
+  assert main(["corpus", "show", "--storage", root, "0", str(n - 1)]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["block_id"] for r in rows] == [0, n - 1] and all(r["tokens"] <= 288 for r in rows)
-  assert json.loads(run("info", "--storage", root).stdout)["num_blocks"] == n
+  assert main(["corpus", "info", "--storage", root]) == 0
+  assert json.loads(capsys.readouterr().out)["num_blocks"] == n
+  # A real process: exit status 2 and one clear line naming the file and line, no traceback.
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"title": "A", "text": "x"}\n{"title": "B"\n')
-  proc = run("build", "--input", str(bad), "--storage", str(tmp_path / "r2"), "--tokenizer", vocab)
+  proc = subprocess.run([sys.executable, "-m", "realm_jax.cli.main", "corpus", "build", "--input", str(bad),
+                         "--storage", str(tmp_path / "r2"), "--tokenizer", vocab],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
   assert proc.returncode == 2 and "bad.jsonl:2: invalid JSON" in proc.stderr
   assert "Traceback" not in proc.stderr
 

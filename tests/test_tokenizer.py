@@ -40,12 +40,17 @@ def _fold(text: str) -> str:
   return "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
 
 
-def test_wordpiece_matches_hf_bert_tokenizer(sentences, vocab_path):
+@pytest.fixture(scope="module")
+def hf_ref(vocab_path):
   from transformers import BertTokenizer  # the slow, pure-Python reference implementation.
 
-  ref = BertTokenizer(str(vocab_path), do_lower_case=True)
+  return BertTokenizer(str(vocab_path), do_lower_case=True)
+
+
+def test_wordpiece_matches_hf_bert_tokenizer(sentences, vocab_path, hf_ref):
+  ref = hf_ref
   tok = load_tokenizer(str(vocab_path))
-  sample = sentences[:600]
+  sample = sentences[::10]
   for text in sample:
     assert tok.encode(text).ids.tolist() == ref.encode(text, add_special_tokens=False), text
   lines = vocab_path.read_text(encoding="utf-8").split("\n")
@@ -68,12 +73,10 @@ def test_wordpiece_offsets_point_at_token_text(sentences, vocab_path):
   assert checked > 50_000
 
 
-def test_wordpiece_decode_matches_hf(sentences, vocab_path):
-  from transformers import BertTokenizer
-
-  ref = BertTokenizer(str(vocab_path), do_lower_case=True)
+def test_wordpiece_decode_matches_hf(sentences, vocab_path, hf_ref):
+  ref = hf_ref
   tok = load_tokenizer(f"wordpiece:{vocab_path}")
-  for text in sentences[:200]:
+  for text in sentences[::160]:  # HF's slow decode costs ~40 ms a call
     ids = tok.encode(text).ids
     assert tok.decode(ids) == ref.decode(ids.tolist())
   masked = tok.encode("the [MASK] of paris")
@@ -142,25 +145,21 @@ def test_sentencepiece_refuses_empty_input(tmp_path):
     train_sentencepiece(["", "  "], 100, tmp_path / "x")
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "realm_jax.cli.main", *args], capture_output=True,
-                        text=True, cwd=REPO, timeout=300)
+def test_cli_train_and_encode(tmp_path, sentences, capsys):
+  from realm_jax.cli.main import main
 
-
-def test_cli_train_and_encode(tmp_path, sentences):
   docs = tmp_path / "docs.jsonl"
   with docs.open("w") as f:
     for i in range(0, 2000, 50):
       f.write(json.dumps({"title": f"doc {i}", "text": " ".join(sentences[i:i + 50])}) + "\n")
   out = tmp_path / "tok"
-  proc = _cli("tokenizer", "train", "--input", str(docs), "--vocab-size", "500", "--out", str(out))
-  assert proc.returncode == 0, proc.stderr
-  assert "500-piece" in proc.stdout
-  proc = _cli("tokenizer", "encode", "--tokenizer", str(out), "Plato and [MASK]")
-  assert proc.returncode == 0, proc.stderr
-  row = json.loads(proc.stdout)
+  assert main(["tokenizer", "train", "--input", str(docs), "--vocab-size", "500", "--out", str(out)]) == 0
+  assert "500-piece" in capsys.readouterr().out
+  assert main(["tokenizer", "encode", "--tokenizer", str(out), "Plato and [MASK]"]) == 0
+  row = json.loads(capsys.readouterr().out)
   tok = load_tokenizer(out)
   assert row["ids"] == tok.encode("Plato and [MASK]").ids.tolist()
   assert row["tokens"][-1] == "[MASK]"
-  proc = _cli("tokenizer", "encode", "--tokenizer", str(tmp_path / "missing"), "x")
+  proc = subprocess.run([sys.executable, "-m", "realm_jax.cli.main", "tokenizer", "encode", "--tokenizer",
+                         str(tmp_path / "missing"), "x"], capture_output=True, text=True, cwd=REPO, timeout=300)
   assert proc.returncode == 2 and "unknown tokenizer" in proc.stderr and "Traceback" not in proc.stderr

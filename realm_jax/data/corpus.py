@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import sys
 import time
 from typing import Iterable, Iterator, Sequence
 
@@ -334,6 +333,18 @@ def _progress(enabled: bool):
                   Rate(), TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)
 
 
+def _concat(parts: list[Encoding], starts: list[int]) -> Encoding:
+  """One document's encoding from its sentences' (offsets shifted to document positions).
+
+  Sentences are encoded one by one, so a block's tokens are exactly its sentences' tokens
+  (SentencePiece may segment a word differently inside a long document than in its sentence).
+  """
+  if not parts:
+    return Encoding(np.zeros(0, np.int32), np.zeros((0, 2), np.int32))
+  return Encoding(np.concatenate([p.ids for p in parts]),
+                  np.concatenate([p.offsets + s for p, s in zip(parts, starts)]).astype(np.int32))
+
+
 def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
   batch = []
   for doc in docs:
@@ -381,16 +392,18 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
       task = bar.add_task("building corpus", total=None, docs=0)
       for batch in _batches(read_documents(inputs, workers), doc_batch):
         titles = tok.encode_batch([d.title for d in batch])
-        bodies = tok.encode_batch([d.text for d in batch])
         sentences = [split_sentences(d.text) for d in batch]
         flat = [d.text[s:e] for d, sents in zip(batch, sentences) for s, e in sents]
         tags = iter(tag.tag_batch(flat))
-        for doc, t_enc, b_enc, sents in zip(batch, titles, bodies, sentences):
-          salient = []
+        encs = iter(tok.encode_batch(flat))
+        for doc, t_enc, sents in zip(batch, titles, sentences):
+          salient, parts = [], []
           for s, _ in sents:
             found = next(tags)
             stats["sentences_with_salient"] += bool(found)
             salient += [(s + a, s + b) for a, b in found]
+            parts.append(next(encs))
+          b_enc = _concat(parts, [s for s, _ in sents])
           blocks = pack_document(doc, t_enc, b_enc, sents, salient, block_len)
           for block in blocks:
             stats["salient_spans"] += len(block.salient_spans)
