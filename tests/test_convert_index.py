@@ -96,8 +96,7 @@ def test_convert_index_publishes_corpus_embeddings_and_scann_in_row_order(tmp_pa
   searcher = loaded.load_searcher()
   queries = rng.standard_normal((4, 128)).astype(np.float32)
   res = searcher.search(queries, 3)
-  ids = res[0] if isinstance(res, tuple) else res
-  np.testing.assert_array_equal(np.asarray(ids)[:, 0], np.argmax(queries @ emb.T, axis=1))
+  np.testing.assert_array_equal(np.asarray(res.ids)[:, 0], np.argmax(queries @ emb.T, axis=1))
 
 
 def test_convert_index_refuses_mismatched_counts(tmp_path):

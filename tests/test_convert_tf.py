@@ -232,3 +232,29 @@ def test_cli_convert_tf_reports_errors_without_traceback(tmp_path, capsys):
   assert main(["convert", "tf", "--checkpoint", prefix, "--kind", "encoder", "--out", str(tmp_path / "out2")]) == 0
   assert weights.read_config(str(tmp_path / "out2")).bert == CFG.bert
   assert "skipped global_step (optimizer step / moments)" in capsys.readouterr().out
+
+
+def test_convert_from_and_to_gcs(gcs_server, tmp_path):
+  """Checkpoint read from gs:// (staged through realm_jax.storage), weights written to gs:// by orbax,
+  exported to a gs:// HF directory and converted back from it."""
+  from realm_jax.convert import export_hf
+  from realm_jax.storage import Storage
+  save_tf(str(tmp_path / "enc" / "model.ckpt-3"), with_optimizer(encoder_vars()), seed=6)
+  (tmp_path / "enc" / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-3"\n')
+  bucket = gcs_server.new_bucket()
+  Storage.open(bucket).upload_dir(tmp_path / "enc", "ckpts/enc")
+  tfconv.convert_tf([f"{bucket}/ckpts/enc"], "encoder", f"{bucket}/weights", config=CFG, log=lambda s: None)
+  tfconv.convert_tf([str(tmp_path / "enc" / "model.ckpt-3")], "encoder", str(tmp_path / "local"), config=CFG,
+                    log=lambda s: None)
+  a, b = RealmModel(CFG, rngs=nnx.Rngs(1)), RealmModel(CFG, rngs=nnx.Rngs(2))
+  weights.load_weights(f"{bucket}/weights", a, parts=["encoder"])
+  weights.load_weights(str(tmp_path / "local"), b, parts=["encoder"])
+  for (p, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a.encoder, nnx.Param)),
+                            nnx.to_flat_state(nnx.state(b.encoder, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()), err_msg=str(p))
+  export_hf.export_hf(f"{bucket}/weights", "encoder", f"{bucket}/hf", log=lambda s: None)
+  assert sorted(Storage.open(f"{bucket}/hf").list("")) == ["config.json", "model.safetensors"]
+  export_hf.convert_hf(f"{bucket}/hf", str(tmp_path / "back"), log=lambda s: None)
+  c = RealmModel(CFG, rngs=nnx.Rngs(3))
+  weights.load_weights(str(tmp_path / "back"), c, parts=["encoder"])
+  np.testing.assert_array_equal(np.asarray(c.encoder.mlm.output_bias[...]), np.asarray(b.encoder.mlm.output_bias[...]))
