@@ -1,7 +1,7 @@
 """A TFDS builder for the block corpus: prepare once (ArrayRecord), read on every host.
 
 `manual_dir` holds either a built corpus (`manifest.json` + shards, i.e. the `corpus/` folder
-of a storage root) or document files (`*.jsonl`, `*.txt`, `*.xml`, `*.xml.bz2`), which are
+of a storage root, local or `gs://`) or document files (`*.jsonl`, `*.txt`, `*.xml`, `*.xml.bz2`), which are
 turned into blocks with the config's tokenizer and block length. TensorFlow is not needed:
 with `file_format="array_record"` preparation and `tfds.data_source` work without it (only
 `as_dataset()` needs TensorFlow). array_record writes local files: prepare into a local
@@ -15,7 +15,7 @@ with `file_format="array_record"` preparation and `tfds.data_source` work withou
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 import tempfile
 
 import numpy as np
@@ -73,9 +73,9 @@ class RealmBlocks(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    return {"train": self._generate_examples(pathlib.Path(dl_manager.manual_dir))}
+    return {"train": self._generate_examples(dl_manager.manual_dir)}
 
-  def _generate_examples(self, manual_dir: pathlib.Path):
+  def _generate_examples(self, manual_dir):
     for block in _blocks(manual_dir, self.builder_config):
       yield int(block.block_id), {
           "block_id": np.int64(block.block_id), "title": block.title, "text": block.text,
@@ -85,16 +85,22 @@ class RealmBlocks(tfds.core.GeneratorBasedBuilder):
       }
 
 
-def _blocks(manual_dir: pathlib.Path, config: RealmBlocksConfig):
-  """Blocks of the corpus in `manual_dir`, building it first (in a temp dir) from documents."""
+def _blocks(manual_dir, config: RealmBlocksConfig):
+  """Blocks of the corpus in `manual_dir` (local or `gs://`), building it first (in a temp dir)
+  when it holds documents."""
   from realm_jax.data.corpus import MANIFEST, CorpusReader, build_corpus
+  from realm_jax.storage import Storage
 
-  if (manual_dir / MANIFEST).exists():
-    yield from CorpusReader(str(manual_dir.parent), prefix=manual_dir.name).iter_blocks()
+  uri = os.fspath(manual_dir).rstrip("/")
+  root, _, prefix = uri.rpartition("/")
+  storage = Storage.open(root or "/")
+  if storage.exists(f"{prefix}/{MANIFEST}"):
+    yield from CorpusReader(storage, prefix=prefix).iter_blocks()
     return
-  docs = sorted({str(p) for pattern in _DOC_PATTERNS for p in manual_dir.glob(pattern)})
+  folder = epath.Path(uri)
+  docs = sorted({os.fspath(p) for pattern in _DOC_PATTERNS for p in folder.glob(pattern)})
   if not docs:
-    raise RealmError(f"{manual_dir}: no {MANIFEST} and no document files ({', '.join(_DOC_PATTERNS)})")
+    raise RealmError(f"{uri}: no {MANIFEST} and no document files ({', '.join(_DOC_PATTERNS)})")
   with tempfile.TemporaryDirectory(prefix="realm-blocks-") as tmp:
     build_corpus(docs, tmp, tokenizer=config.tokenizer, block_len=config.block_len, tagger=config.tagger)
     yield from CorpusReader(tmp).iter_blocks()
