@@ -55,13 +55,13 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
   return best, out
 
 
-def matmul_peak(size: int = 4096, repeats: int = 3) -> float:
+def matmul_peak(precision: str | None, size: int = 4096, repeats: int = 3) -> float:
   """float32 GFLOP/s of a large jitted `jnp.dot` on this process's default device."""
   import jax
   import jax.numpy as jnp
 
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  dot = jax.jit(jnp.dot)
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, precision=precision))
   dot(a, a).block_until_ready()
   t, _ = best_time(lambda: dot(a, a).block_until_ready(), repeats)
   return 2 * size**3 / t / 1e9
@@ -99,7 +99,8 @@ def recall(ids: np.ndarray, truth: np.ndarray) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-  """Runs in a subprocess (JAX_NUM_CPU_DEVICES set by the parent); prints one JSON line."""
+  """Runs in a subprocess (JAX_NUM_CPU_DEVICES set by the parent); prints one JSON line per
+  tile size in `--chunk-rows`."""
   import jax
   import jax.numpy as jnp
 
@@ -110,29 +111,35 @@ def worker(args: argparse.Namespace) -> None:
   q = jnp.asarray(np.load(args.data_dir / "q.npy"))
   mesh = jax.make_mesh((len(jax.devices()),), ("rows",))
   index = mips.shard_rows(db, mesh)
-  search = jax.jit(lambda q, index: mips.search(q, index, args.k, approx=args.approx,
-                                                chunk_rows=args.chunk_rows,
-                                                group_size=args.group_size))
-  t0 = time.perf_counter()
-  jax.block_until_ready(search(q, index))
-  compile_s = time.perf_counter() - t0
-  t, res = best_time(lambda: jax.block_until_ready(search(q, index)), args.repeats)
-  np.save(args.data_dir / f"ids_{len(jax.devices())}.npy", np.asarray(res.ids))
-  print(json.dumps({"devices": len(jax.devices()), "seconds": t, "first_call_s": compile_s,
-                    "platform": jax.devices()[0].platform}))
+  for chunk_rows in args.chunk_rows:
+    search = jax.jit(lambda q, index: mips.search(
+        q, index, args.k, approx=args.approx, chunk_rows=chunk_rows or None,
+        group_size=args.group_size,
+        precision=args.precision))
+    t0 = time.perf_counter()
+    jax.block_until_ready(search(q, index))
+    compile_s = time.perf_counter() - t0
+    t, res = best_time(lambda: jax.block_until_ready(search(q, index)), args.repeats)
+    name = f"ids_{len(jax.devices())}_{chunk_rows}.npy"
+    np.save(args.data_dir / name, np.asarray(res.ids))
+    print(json.dumps({"devices": len(jax.devices()), "seconds": t, "first_call_s": compile_s,
+                      "platform": jax.devices()[0].platform, "chunk_rows": chunk_rows,
+                      "ids": name}))
 
 
-def run_worker(args: argparse.Namespace, devices: int, data_dir: pathlib.Path) -> dict:
+def run_worker(args: argparse.Namespace, devices: int, data_dir: pathlib.Path) -> list[dict]:
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "PYTHONPATH": str(REPO)}
   if args.platform == "cpu":
     env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, __file__, "--worker", "--data-dir", str(data_dir), "--k", str(args.k),
-         "--repeats", str(args.repeats), "--chunk-rows", str(args.chunk_rows),
-         "--group-size", str(args.group_size)] + (["--approx"] if args.approx else [])
+         "--repeats", str(args.repeats), "--group-size", str(args.group_size),
+         "--chunk-rows", *map(str, args.chunk_rows)]
+  cmd += (["--approx"] if args.approx else []) + (
+      ["--precision", args.precision] if args.precision else [])
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   if proc.returncode != 0:
     raise SystemExit(f"device MIPS worker ({devices} devices) failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -150,7 +157,10 @@ def main() -> None:
   p.add_argument("--platform", default="cpu", help="JAX platform for our MIPS and the peak")
   p.add_argument("--host-batch", type=int, default=128, help="query batch for numpy / torch")
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--chunk-rows", type=int, default=4096)
+  p.add_argument("--chunk-rows", type=int, nargs="+", default=[0],
+                 help="rows per tile of our search (several: one row each; 0: its default)")
+  p.add_argument("--precision", choices=["default", "high", "highest"],
+                 help="matmul precision of our search (default: the backend's; TF32 on GPU)")
   p.add_argument("--group-size", type=int, default=32)
   p.add_argument("--approx", action="store_true", help="our MIPS with lax.approx_max_k")
   p.add_argument("--skip", nargs="*", default=[], choices=["numpy", "torch", "scann", "ours"])
@@ -172,8 +182,9 @@ def main() -> None:
   db = clustered(n, d, args.clusters, draw_seed=1)
   q = clustered(nq, d, args.clusters, draw_seed=2)
   print(f"data generated in {time.perf_counter() - t0:.1f} s")
-  peaks = [matmul_peak()]
-  print(f"float32 matmul peak (4096^3 jnp.dot, {args.platform}): {peaks[0]:.0f} GFLOP/s")
+  peaks = [matmul_peak(args.precision)]
+  print(f"float32 matmul peak (4096^3 jnp.dot, {args.platform}, precision "
+        f"{args.precision or 'default'}): {peaks[0]:.0f} GFLOP/s")
 
   rows = []  # (name, seconds, ids, exact, note)
   truth = numpy_search(db, q, k, args.host_batch)  # reference result (also the warm-up)
@@ -195,10 +206,11 @@ def main() -> None:
       np.save(data_dir / "q.npy", q)
       counts = args.devices if args.platform == "cpu" else [1]
       for devices in counts:
-        r = run_worker(args, devices, data_dir)
-        ids = np.load(data_dir / f"ids_{r['devices']}.npy")
-        rows.append((f"ours: mips.search, {r['devices']} {r['platform']} device(s)", r["seconds"],
-                     ids, not args.approx, f"first call {r['first_call_s']:.1f} s"))
+        for r in run_worker(args, devices, data_dir):
+          rows.append((f"ours: mips.search, {r['devices']} {r['platform']} device(s)",
+                       r["seconds"], np.load(data_dir / r["ids"]), not args.approx,
+                       f"tiles of {r['chunk_rows'] or 'default'} rows, precision {args.precision or 'default'}"
+                       f", first call {r['first_call_s']:.1f} s"))
   if "scann" not in args.skip:
     sys.path.insert(0, str(REPO))
     from realm_jax.retrieval import scann_index
@@ -213,7 +225,7 @@ def main() -> None:
     rows.append(("ScaNN (1 thread)", t, res.ids, False, note))
     t, res = best_time(lambda: index.search(q, k, parallel=True), args.repeats)
     rows.append(("ScaNN (thread pool)", t, res.ids, False, ""))
-  peaks.append(matmul_peak())
+  peaks.append(matmul_peak(args.precision))
   peak = max(peaks)
   print(f"float32 matmul peak again: {peaks[1]:.0f} GFLOP/s; using {peak:.0f} GFLOP/s; "
         f"load average now {os.getloadavg()[0]:.1f}")

@@ -97,7 +97,7 @@ def test_k_larger_than_a_shard():
   _check(mips.search(jnp.asarray(q), index, 20), q, db, 20)  # 20 > 7 rows per shard
   exclude = np.tile(np.arange(5, dtype=np.int32), (5, 1))
   _check(mips.search(jnp.asarray(q), index, 48, exclude_ids=exclude), q, db, 48, exclude)
-  _check(mips.search(jnp.asarray(q), index, 60), q, db, 60)  # more than the corpus: padded
+  _check(mips.search(jnp.asarray(q), index, 60, precision="highest"), q, db, 60)  # > corpus
 
 
 def test_group_filter_with_tiny_groups_and_tiles(data):
@@ -190,6 +190,8 @@ def test_bad_arguments_raise_clear_errors(data):
   index = mips.shard_rows(db[:100], jax.make_mesh((8,), ("rows",)))
   with pytest.raises(RealmError, match=r"queries must be \[batch, 32\], got shape \(16, 31\)"):
     mips.search(jnp.asarray(q[:, :31]), index, 3)
+  with pytest.raises(RealmError, match="precision must be"):
+    mips.search(jnp.asarray(q), index, 3, precision="fp8")
   with pytest.raises(RealmError, match="k must be >= 1"):
     mips.search(jnp.asarray(q), index, 0)
   with pytest.raises(RealmError, match=r"exclude_ids must be \[16, E\]"):

@@ -152,13 +152,15 @@ def _mask(scores: jax.Array, ids: jax.Array, num_rows: int | None,
   return jnp.where(bad, -jnp.inf, scores)
 
 
-def _dot(q: jax.Array, x: jax.Array) -> jax.Array:
-  return lax.dot_general(q, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _dot(q: jax.Array, x: jax.Array, precision: str | None) -> jax.Array:
+  return lax.dot_general(q, x, (((1,), (1,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
 
 
 def _local_topk(q: jax.Array, x: jax.Array, base: jax.Array, num_rows: int | None,
                 exclude: jax.Array | None, k: int, chunk_rows: int, group_size: int,
-                approx: bool, recall_target: float) -> tuple[jax.Array, jax.Array]:
+                approx: bool, recall_target: float,
+                precision: str | None) -> tuple[jax.Array, jax.Array]:
   """Top-k of one shard's rows for every query, tiled over rows; returns (scores, global ids)."""
   rows = x.shape[0]
   q = q.astype(x.dtype)
@@ -168,13 +170,13 @@ def _local_topk(q: jax.Array, x: jax.Array, base: jax.Array, num_rows: int | Non
     chunk = rows  # the whole shard is as small as the rescoring set: score it directly
   if chunk == rows and (not approx or k >= rows):
     ids = base + jnp.arange(rows, dtype=jnp.int32)
-    return _topk_padded(_mask(_dot(q, x), ids, num_rows, exclude), jnp.broadcast_to(ids, (
-        q.shape[0], rows)), k)
+    scores = _mask(_dot(q, x, precision), ids, num_rows, exclude)
+    return _topk_padded(scores, jnp.broadcast_to(ids, scores.shape), k)
 
   def tile(start: jax.Array | int, size: int) -> tuple[jax.Array, jax.Array]:
     xs = lax.dynamic_slice_in_dim(x, start, size, axis=0)
     ids = base + start + jnp.arange(size, dtype=jnp.int32)
-    return _mask(_dot(q, xs), ids, num_rows, exclude), ids
+    return _mask(_dot(q, xs, precision), ids, num_rows, exclude), ids
 
   def summarize(start: jax.Array | int, size: int) -> tuple[jax.Array, ...]:
     scores, ids = tile(start, size)
@@ -204,7 +206,7 @@ def _local_topk(q: jax.Array, x: jax.Array, base: jax.Array, num_rows: int | Non
   local = (best[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(q.shape[0], -1)
   inside = local < rows
   local = jnp.minimum(local, rows - 1)
-  scores = jnp.einsum("bd,bnd->bn", q, jnp.take(x, local, axis=0),
+  scores = jnp.einsum("bd,bnd->bn", q, jnp.take(x, local, axis=0), precision=precision,
                       preferred_element_type=jnp.float32)
   ids = base + local
   scores = jnp.where(inside, _mask(scores, ids, num_rows, exclude), -jnp.inf)
@@ -213,19 +215,26 @@ def _local_topk(q: jax.Array, x: jax.Array, base: jax.Array, num_rows: int | Non
 
 def search(queries: jax.Array, index: RowShardedEmbeddings, k: int, *,
            exclude_ids: jax.Array | None = None, approx: bool = False,
-           recall_target: float = 0.95, chunk_rows: int = 4096,
-           group_size: int = 32) -> SearchResult:
+           recall_target: float = 0.95, chunk_rows: int | None = None,
+           group_size: int = 32, precision: str | None = None) -> SearchResult:
   """Top-k rows of `index` by inner product with each query (best first), jit-compatible.
 
   queries: [B, dim], replicated or sharded over mesh axes on the batch dim (the result is
   sharded the same way). exclude_ids: int [B, E] global ids never to return per query (-1 = none),
   e.g. the query's own source block. approx: use `lax.approx_max_k` per tile (fast on TPU) with
-  `recall_target`; otherwise the search is exact.
+  `recall_target`; otherwise the search is exact at the matmul precision: `precision=None` is
+  the backend's default (float32 on CPU, TF32 on NVIDIA GPUs, bf16 passes on TPU, where near-ties
+  can swap against a float32 brute force); "highest" gives float32 scores everywhere.
+  chunk_rows: rows scored per tile and device (default 4096 on CPU, 65536 on accelerators, the
+  best measured: benchmarks/mips.py); group_size: rows per group of the exact filter.
   """
   if queries.ndim != 2 or queries.shape[1] != index.dim:
     raise SearchError(f"queries must be [batch, {index.dim}], got shape {queries.shape}")
   if k < 1:
     raise SearchError(f"k must be >= 1, got {k}")
+  if chunk_rows is None:
+    cpu = index.mesh.devices.flat[0].platform == "cpu"
+    chunk_rows = 4096 if cpu else 65536
   if chunk_rows < 1 or group_size < 1:
     raise SearchError(f"chunk_rows and group_size must be >= 1, got {chunk_rows}, {group_size}")
   batch = queries.shape[0]
@@ -237,15 +246,17 @@ def search(queries: jax.Array, index: RowShardedEmbeddings, k: int, *,
       raise SearchError(f"exclude_ids must be [{batch}, E], got shape {exclude_ids.shape}")
     exclude_ids = exclude_ids.astype(jnp.int32)
 
+  if precision not in (None, "default", "high", "highest"):
+    raise SearchError(f"precision must be None, 'default', 'high' or 'highest', got {precision!r}")
   return _search(queries, index, exclude_ids, k=k, approx=approx, recall_target=recall_target,
-                 chunk_rows=chunk_rows, group_size=group_size)
+                 chunk_rows=chunk_rows, group_size=group_size, precision=precision)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "approx", "recall_target", "chunk_rows",
-                                             "group_size"))
+                                             "group_size", "precision"))
 def _search(queries: jax.Array, index: RowShardedEmbeddings, exclude_ids: jax.Array | None, *,
-            k: int, approx: bool, recall_target: float, chunk_rows: int,
-            group_size: int) -> SearchResult:
+            k: int, approx: bool, recall_target: float, chunk_rows: int, group_size: int,
+            precision: str | None) -> SearchResult:
   """The search as one compiled program (also when called eagerly), nested in any outer jit."""
   mesh, row_axes = index.mesh, index.row_axes
   batch_axes = _batch_axes(queries, mesh)
@@ -263,7 +274,7 @@ def _search(queries: jax.Array, index: RowShardedEmbeddings, exclude_ids: jax.Ar
         ex = lax.all_gather(ex, gather_axes, axis=0, tiled=True, to="invarying")
     base = lax.axis_index(row_axes).astype(jnp.int32) * rows_per_shard
     scores, ids = _local_topk(q, x, base, num_rows, ex, k, chunk_rows, group_size, approx,
-                              recall_target)
+                              recall_target, precision)
     scores = lax.all_gather(scores, row_axes, axis=1, tiled=True, to="invarying")
     ids = lax.all_gather(ids, row_axes, axis=1, tiled=True, to="invarying")
     if gather_axes:  # keep the candidates of this device's own queries only
