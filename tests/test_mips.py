@@ -132,6 +132,11 @@ def test_inside_jit_with_batch_sharded_over_data(data, axis_type):
   _check(res, np.asarray(queries), db, 8, exclude)
   if axis_type == AxisType.Explicit:  # the result is sharded like the query batch
     assert res.ids.sharding.spec[0] == "data"
+    # Batch over both axes, exclusions replicated (resharded inside to match the queries).
+    both = NamedSharding(mesh, P(("data", "model")))
+    queries, res = step(jax.device_put(q, both), jnp.asarray(w), index, jnp.asarray(exclude))
+    _check(res, np.asarray(queries), db, 8, exclude)
+    assert res.ids.sharding.spec[0] == ("data", "model")
 
 
 def test_rows_sharded_over_model_only(data):
