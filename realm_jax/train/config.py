@@ -33,6 +33,8 @@ class TrainConfig:
   query_corpus_prefix: str | None = None  # where masked queries come from (None: the same corpus)
   masking: str = "salient"  # salient | random_token | random_span (REALM's ablations)
   max_masks: int = 10
+  data_shards: int | None = None  # input shards; None = one per process. Fixing it makes the
+  # global batch independent of the process count (each process reads data_shards / processes).
   ict_remove_prob: float = 0.9
   # Optimisation (BERT's AdamW).
   batch_size: int = 512  # global, across all hosts and devices

@@ -91,6 +91,58 @@ def param_sharding(mesh, cfg: TrainConfig, state: Any) -> Any:
   return jax.tree_util.tree_map_with_path(spec, state)
 
 
+def place_state(state: Any, shardings: Any) -> Any:
+  """Puts host-identical values onto (possibly multi-process) shardings; typed PRNG keys too."""
+  if jax.process_count() == 1:
+    return jax.device_put(state, shardings)
+
+  def put(x, sharding):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = np.asarray(jax.random.key_data(x))
+      arr = jax.make_array_from_callback(data.shape, NamedSharding(sharding.mesh, P()), lambda i: data[i])
+      return jax.random.wrap_key_data(arr, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+  return jax.tree.map(put, state, shardings)
+
+
+class ShardedLoader:
+  """The global batch as `data_shards` loaders (one per input shard), this process reading its
+  contiguous share; its local batch is their batches concatenated in shard order. The global batch
+  depends on `data_shards` only, so 1 process and N processes see exactly the same examples."""
+
+  def __init__(self, source, transform, global_batch: int, seed: int, data_shards: int):
+    procs, pid = jax.process_count(), jax.process_index()
+    if data_shards % procs or global_batch % data_shards:
+      raise ConfigError(f"data_shards ({data_shards}) must be a multiple of the process count ({procs}) "
+                        f"and divide the micro-batch ({global_batch})")
+    per = data_shards // procs
+    self.loaders = [make_loader(source, transform, global_batch // data_shards, seed,
+                                shard_index=s, shard_count=data_shards)
+                    for s in range(pid * per, (pid + 1) * per)]
+
+  def __iter__(self):
+    iters = [iter(l) for l in self.loaders]
+    while True:
+      parts = [next(i) for i in iters]
+      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return {"shards": [l.get_state() for l in self.loaders]}
+
+  def set_state(self, state: dict) -> None:
+    if len(state.get("shards", [])) != len(self.loaders):
+      raise ConfigError(f"the checkpoint's input state has {len(state.get('shards', []))} shards for this "
+                        f"process, the run has {len(self.loaders)}: resume with the same data_shards and processes")
+    for loader, s in zip(self.loaders, state["shards"]):
+      loader.set_state(s)
+
+  def close(self) -> None:
+    for l in self.loaders:
+      l.close()
+
+
 class BlockSource:
   """Random access to the corpus' blocks for the input pipeline (all blocks held in memory)."""
 
@@ -121,6 +173,24 @@ def init_model(cfg: TrainConfig, log_fn) -> RealmModel:
     parts = weights.load_weights(cfg.init, model)
     log_fn(f"initialised {', '.join(parts)} from {cfg.init}")
   return model
+
+
+def _local_copy(module: nnx.Module) -> nnx.Module:
+  """A copy of `module` whose arrays live on this process only (replicated arrays: the local
+  replica; sharded ones: all-gathered, which every process must call together)."""
+  graphdef, state = nnx.split(module)
+  if jax.process_count() == 1:
+    return nnx.merge(graphdef, state)
+  from jax.experimental import multihost_utils
+
+  def local(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return x
+    if x.is_fully_replicated:
+      return x.addressable_data(0)
+    return multihost_utils.process_allgather(x, tiled=True)
+
+  return nnx.merge(graphdef, jax.tree.map(local, state))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,11 +288,12 @@ class Trainer:
     queries = self.blocks if self.same_corpus else BlockSource(CorpusReader(self.storage, cfg.query_corpus_prefix))
     procs = jax.process_count()
     micro_batch = cfg.batch_size // cfg.grad_accum_steps
-    if micro_batch % (procs * self.mesh.shape["data"] // procs or 1) or micro_batch % self.mesh.shape["data"]:
+    if micro_batch % self.mesh.shape["data"]:
       raise ConfigError(f"the micro-batch ({micro_batch} = batch_size / grad_accum_steps) must be divisible "
                         f"by the data-parallel size {self.mesh.shape['data']}")
     self.micro_batch = micro_batch
-    self.loader = make_loader(queries, example_transform(cfg, self.tok), micro_batch // procs, cfg.seed)
+    self.loader = ShardedLoader(queries, example_transform(cfg, self.tok), micro_batch, cfg.seed,
+                                cfg.data_shards or procs)
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
 
     # -- model and optimizer ---------------------------------------------------------------------
@@ -237,7 +308,7 @@ class Trainer:
     # -- sharding: params and optimizer state by the config's rules ------------------------------
     state = nnx.state((self.model, self.optimizer))
     self.state_sharding = param_sharding(self.mesh, cfg, state)
-    nnx.update((self.model, self.optimizer), jax.device_put(state, self.state_sharding))
+    nnx.update((self.model, self.optimizer), place_state(state, self.state_sharding))
 
     # -- checkpoints -------------------------------------------------------------------------------
     self.ckpt = Checkpoints(self.storage.uri("checkpoints"), keep=cfg.keep_checkpoints,
@@ -268,15 +339,23 @@ class Trainer:
 
   # -- index ---------------------------------------------------------------------------------------
   def _publish_index(self) -> None:
-    """Embeds the corpus with the current document tower and publishes it (bootstrap / sync)."""
+    """Embeds the corpus with the current document tower and publishes it (bootstrap / sync).
+
+    Process 0 embeds on its own devices (a jitted computation over the global mesh would need
+    every process); the others wait at a barrier until the version is published.
+    """
+    embedder = _local_copy(self.model.retriever.doc_embedder)  # every process takes part
     if self.is_chief:
-      self.model.eval()
+      local_mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
+                                 axis_types=(jax.sharding.AxisType.Auto,))
       info = index_lib.build_and_publish_index(
-          self.storage, self.model.retriever.doc_embedder, self.corpus, self.cfg.model, step=self.step,
-          mesh=self.mesh, with_scann=self.cfg.retrieval == "scann", keep=self.cfg.keep_index_versions)
-      self.model.train()
+          self.storage, embedder, self.corpus, self.cfg.model, step=self.step,
+          mesh=local_mesh, with_scann=self.cfg.retrieval == "scann", keep=self.cfg.keep_index_versions)
       self.log(f"published index {info.version} from the document tower at step {self.step} "
                f"({info.num_blocks} blocks, embed {info.timings.get('embed_seconds', 0):.1f}s)")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"realm-jax index published at step {self.step}")
 
   def _activate(self, loaded: index_lib.LoadedIndex, searcher=None) -> None:
     self.active = ActiveIndex(loaded.info, mips.shard_rows(loaded.embeddings, self.mesh), searcher)
@@ -386,7 +465,7 @@ class Trainer:
         self.step += 1
         steps_since += 1
         if self.step % cfg.log_every == 0 or self.step == end:
-          scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          scalars = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
           if self.active is not None:
             scalars["index_staleness"] = float(self.step - self.active.info.step)
           scalars["learning_rate"] = float(warmup_linear_decay(cfg.learning_rate, cfg.num_train_steps,
