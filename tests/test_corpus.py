@@ -376,14 +376,18 @@ def test_cli_build_info_show_and_errors(tmp_path, wiki_docs, vocab, capsys):
 
 
 def test_tfds_builder_without_tensorflow(tmp_path, wiki_docs, vocab, gcs_server):
-  """Prepare from a built corpus (local and gs://) and from JSONL documents; read back with
-  tfds.data_source, in a process that never imports TensorFlow."""
+  """Prepare from a built corpus and from JSONL documents, and with `realm-jax corpus tfds` from
+  a gs:// corpus into a gs:// data dir; read back with tfds.data_source, in processes that never
+  import TensorFlow."""
   docs_dir = tmp_path / "docs"
   docs_dir.mkdir()
   _write_jsonl(docs_dir / "docs.jsonl", _small_docs(wiki_docs, 2))
   build_corpus([str(docs_dir / "docs.jsonl")], str(tmp_path / "root"), tokenizer="minilm")
-  gcs_root = gcs_server.new_bucket() + "/run"
-  build_corpus([str(docs_dir / "docs.jsonl")], gcs_root, tokenizer="minilm")
+  bucket = gcs_server.new_bucket()
+  build_corpus([str(docs_dir / "docs.jsonl")], bucket + "/run", tokenizer="minilm")
+  proc = subprocess.run([sys.executable, "-m", "realm_jax.cli.main", "corpus", "tfds", "--storage", bucket + "/run",
+                         "--data-dir", bucket + "/tfds"], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   code = f"""
 import sys, json
 import tensorflow_datasets as tfds
@@ -391,10 +395,11 @@ from realm_jax.data.tfds_corpus import RealmBlocks, example_to_block
 from realm_jax.data.corpus import CorpusReader
 expected = list(CorpusReader({str(tmp_path / 'root')!r}).iter_blocks())
 for name, manual in (("from_corpus", {str(tmp_path / 'root' / 'corpus')!r}), ("from_docs", {str(docs_dir)!r}),
-                     ("from_gcs", {gcs_root + '/corpus'!r})):
-  data_dir = {str(tmp_path)!r} + "/tfds_" + name
-  RealmBlocks(data_dir=data_dir, file_format="array_record").download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual))
+                     ("from_gcs", None)):
+  data_dir = {str(tmp_path)!r} + "/tfds_" + name if manual else {bucket + '/tfds'!r}
+  if manual:
+    RealmBlocks(data_dir=data_dir, file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual))
   source = tfds.data_source("realm_blocks", data_dir=data_dir)["train"]
   assert len(source) == len(expected), (len(source), len(expected))
   for i in range(len(source)):

@@ -45,6 +45,30 @@ def _show(args: argparse.Namespace) -> int:
   return 0
 
 
+def _tfds(args: argparse.Namespace) -> int:
+  import tempfile
+
+  import tensorflow_datasets as tfds
+
+  from realm_jax.data.corpus import CorpusReader
+  from realm_jax.data.tfds_corpus import RealmBlocks
+  from realm_jax.storage import Storage
+
+  storage = Storage.open(args.storage)
+  reader = CorpusReader(storage, prefix=args.prefix)  # checks the manifest before any work
+  remote = "://" in args.data_dir and not args.data_dir.startswith("file://")
+  with tempfile.TemporaryDirectory(prefix="realm-tfds-") as tmp:
+    local = tmp if remote else args.data_dir
+    builder = RealmBlocks(data_dir=local, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=storage.uri(args.prefix)))
+    if remote:  # array_record writes local files only: copy the prepared dataset up.
+      Storage.open(args.data_dir).upload_dir(f"{tmp}/{RealmBlocks.name}", RealmBlocks.name)
+  print(f"prepared {reader.num_blocks:,} blocks as {RealmBlocks.name} in {args.data_dir}; read with "
+        f"tfds.data_source({RealmBlocks.name!r}, data_dir={args.data_dir!r})['train']")
+  return 0
+
+
 def register(sub) -> None:
   parser = sub.add_parser("corpus", help="Build a block corpus from JSONL, text or a MediaWiki dump")
   cmds = parser.add_subparsers(dest="corpus_command", metavar="ACTION", required=True)
@@ -66,6 +90,14 @@ def register(sub) -> None:
   build.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
   build.add_argument("--quiet", action="store_true", help="no progress bar")
   build.set_defaults(func=_build)
+
+  prep = cmds.add_parser("tfds", help="prepare the corpus as the TFDS ArrayRecord dataset realm_blocks",
+                         description="Prepare once, then read on every host with tfds.data_source "
+                         "(no TensorFlow needed).")
+  prep.add_argument("--storage", required=True, metavar="URI", help="storage root holding the corpus")
+  prep.add_argument("--prefix", default="corpus")
+  prep.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data dir (local or gs://)")
+  prep.set_defaults(func=_tfds)
 
   info = cmds.add_parser("info", help="print the corpus manifest")
   info.add_argument("--storage", required=True, metavar="URI")
