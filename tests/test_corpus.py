@@ -137,7 +137,7 @@ def test_lists_and_disambiguation_pages_are_skipped(tmp_path):
           "</text></revision></page>")
   pages = [
       dict(title="Paris", ns=0, redirect="", text=(
-          "'''Paris''' is the capital of [[France]].&lt;ref&gt;A source.&lt;/ref&gt; "
+          "'''Paris''' ({{IPA-fr|paʁi}}; {{lang|la|Lutetia}}) is the capital of [[France]].&lt;ref&gt;A source.&lt;/ref&gt; "
           "It has {{convert|105|km2}} of area.\n\n== History ==\nIt was founded early.\n"
           "[[File:Paris.jpg|thumb|The [[Seine]] river]]\n[[Category:Capitals]]\n[[de:Paris]]")),
       dict(title="List of cities", ns=0, redirect="", text="Paris, Rome."),

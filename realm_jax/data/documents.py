@@ -24,6 +24,9 @@ from realm_jax.errors import RealmError
 
 _SKIP_LINK_PREFIXES = ("category:", "file:", "image:", "media:")
 _INTERWIKI = re.compile(r"^[a-z]{2,3}(-[a-z]+)?:")
+_OPEN_SEPARATORS = re.compile(r"\(\s*(?:[,;:]\s*)*")
+_CLOSE_SEPARATORS = re.compile(r"(?:\s*[,;:])*\s*\)")
+_EMPTY_PARENS = re.compile(r"\s?\(\s*\)")
 _SPACES = re.compile(r"[ \t\u00a0]{2,}")  # runs left where templates were removed
 _REFS = re.compile(r"<ref\b[^>/]*/>|<ref\b[^>]*>.*?</ref\s*>", re.DOTALL | re.IGNORECASE)
 
@@ -109,6 +112,14 @@ def is_skipped_title(title: str) -> bool:
   return title.startswith("List of ") or title.endswith("(disambiguation)")
 
 
+def _tidy_parentheses(line: str) -> str:
+  """"Achilles (; , Akhilleus, ) was" -> "Achilles (Akhilleus) was": removed templates (IPA,
+  language tags) leave separators behind; parentheses left empty go entirely."""
+  line = _OPEN_SEPARATORS.sub("(", line)
+  line = _CLOSE_SEPARATORS.sub(")", line)
+  return _EMPTY_PARENS.sub("", line)
+
+
 def strip_wikitext(wikitext: str) -> str:
   """Plain text of an article: markup, references, categories, files and interwiki links removed."""
   import mwparserfromhell
@@ -120,7 +131,7 @@ def strip_wikitext(wikitext: str) -> str:
     if target.startswith(_SKIP_LINK_PREFIXES) or _INTERWIKI.match(target):
       link.title, link.text = "", None  # in place: `code.remove` is quadratic on big pages.
   text = code.strip_code(normalize=True, collapse=True)
-  lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+  lines = (_SPACES.sub(" ", _tidy_parentheses(line)).strip() for line in text.split("\n"))
   # Rows of tables whose markup did not parse ("| bgcolor=lime | W") are not prose.
   return "\n".join(line for line in lines if line and not line.startswith(("|", "!", "{|")))
 
