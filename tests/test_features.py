@@ -127,9 +127,32 @@ def test_batched_forms_stack_the_single_ones(blocks, vocab):
   for i in range(4):
     np.testing.assert_array_equal(qb["input_ids"][i], features.query_block_inputs(queries[i], bodies[i], 96, 288, tok)["input_ids"])
     np.testing.assert_array_equal(rd["block_mask"][i], features.reader_inputs(queries[i], bodies[i], 320, tok)["block_mask"])
+  from realm_jax.data.corpus import decode_shard, encode_shard
+
+  shard = features.blocks_doc_inputs(decode_shard(encode_shard(blocks)), 288, tok)  # vectorised path
+  looped = features.batch_doc_inputs([b.title_ids for b in blocks], [b.body_ids for b in blocks], 288, tok)
+  for k in looped:
+    np.testing.assert_array_equal(shard[k], looped[k])
   assert features.batch_doc_inputs([], [], 288)["input_ids"].shape == (0, 288)
   with pytest.raises(ValueError, match="2 titles but 1 bodies"):
     features.batch_doc_inputs([blocks[0].title_ids] * 2, [blocks[0].body_ids], 288)
+
+
+@pytest.mark.parametrize("block_len", [288, 64, 8, 3])
+def test_vectorised_shard_path_equals_the_loop(tmp_path, block_len, vocab):
+  from realm_jax.data.corpus import encode_shard, decode_shard
+  from realm_jax.data.blocks import Block
+
+  tok = load_tokenizer(vocab)
+  texts = [("Paris", "Paris is the capital of France."), ("", "A block without a title."),
+           ("Long title " * 5, "x " * 300), ("Rome", "")]
+  blocks = [Block(i, t, b, tok.encode(t).ids, tok.encode(b).ids, tok.encode(b).offsets, [], [])
+            for i, (t, b) in enumerate(texts)]
+  shard = decode_shard(encode_shard(blocks))
+  fast = features.blocks_doc_inputs(shard, block_len, tok)
+  slow = features.batch_doc_inputs([b.title_ids for b in blocks], [b.body_ids for b in blocks], block_len, tok)
+  for k in slow:
+    np.testing.assert_array_equal(fast[k], slow[k], err_msg=k)
 
 
 def test_sentencepiece_specials_are_used(blocks):
