@@ -330,6 +330,17 @@ def test_block_len_too_small_for_a_title(tmp_path, vocab):
   assert not list((tmp_path / "root").rglob("*.npz"))
 
 
+def test_text_without_tokens_makes_no_block(tmp_path, vocab):
+  docs = _write_jsonl(tmp_path / "docs.jsonl", [{"title": "A", "text": "\u200b\u200b"},
+                                                {"title": "B", "text": "Real text."}])
+  build_corpus([docs], str(tmp_path / "root"), tokenizer=vocab)
+  assert [b.title for b in CorpusReader(str(tmp_path / "root")).iter_blocks()] == ["B"]
+  only = _write_jsonl(tmp_path / "only.jsonl", [{"title": "A", "text": "\u200b"}])
+  with pytest.raises(CorpusError, match=r"empty corpus: the documents of .*only\.jsonl hold no tokens"):
+    build_corpus([only], str(tmp_path / "r2"), tokenizer=vocab)
+  assert not (tmp_path / "r2" / "corpus" / "manifest.json").exists()
+
+
 def test_unknown_tagger(tmp_path, vocab):
   docs = _write_jsonl(tmp_path / "docs.jsonl", [{"title": "Paris", "text": "Paris is a city."}])
   with pytest.raises(RealmError, match="unknown salient-span tagger 'bert-ner'"):

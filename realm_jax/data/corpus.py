@@ -148,6 +148,8 @@ def pack_document(doc: Document, title_enc: Encoding, body_enc: Encoding,
   def flush():
     cs, ce = current[0][0], current[-1][1]
     lo, hi = current[0][2], current[-1][3]
+    if hi == lo:
+      return  # text without a single token (e.g. only zero-width characters): nothing to embed.
     text = doc.text[cs:ce]
     offsets = np.clip(body_enc.offsets[lo:hi].astype(np.int64) - cs, 0, len(text))
     inside = spans[(spans[:, 0] >= cs) & (spans[:, 1] <= ce)] - cs
@@ -414,6 +416,8 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
           stats["split_sentences"] += sum(1 for b in blocks for _ in b.sentences) - len(sents)
           bar.update(task, advance=len(blocks), docs=stats["documents"])
       writer.flush()
+    if writer.next_id == 0:
+      raise CorpusError(f"empty corpus: the documents of {', '.join(map(str, inputs))} hold no tokens")
   except BaseException:
     for shard in writer.shards:  # leave nothing half-built behind.
       storage.delete(f"{prefix}/{shard['path']}")
