@@ -19,6 +19,7 @@ from realm_jax.models import OpenQAModel, RealmModel
 VOCAB = 500
 CFG = get_preset("tiny", **{"bert.vocab_size": VOCAB}).replace(num_candidates=3)
 TOL = 1e-5
+L = 24  # one sequence length (and mostly 6 rows) everywhere: JAX compiles each op shape once
 
 
 def _perturbed(cfg, parts, seed):
@@ -85,19 +86,19 @@ def test_round_trip_is_bit_identical_and_hf_agrees(tmp_path, source, kind):
   rng = np.random.default_rng(0)
   with torch.no_grad():
     if kind == "scorer":
-      q, c = _inputs(rng, 2, 16), _inputs(rng, 2, CFG.num_candidates, 20)
+      q, c = _inputs(rng, 2, L), _inputs(rng, 2, CFG.num_candidates, L)
       out_hf = hf(*_t(*q), candidate_input_ids=torch.from_numpy(c[0]),
                   candidate_attention_mask=torch.from_numpy(c[1]), candidate_token_type_ids=torch.from_numpy(c[2]))
       np.testing.assert_allclose(np.asarray(model.retriever.embed_queries(*_i32(*q))), out_hf.query_score.numpy(), atol=TOL)
       np.testing.assert_allclose(np.asarray(model.retriever.embed_docs(*_i32(*c))), out_hf.candidate_score.numpy(), atol=TOL)
     elif kind == "encoder":
-      ids, mask, tt = _inputs(rng, 4, 24)
+      ids, mask, tt = _inputs(rng, 6, L)
       want = hf(*_t(ids, mask, tt)).logits.numpy()
       np.testing.assert_allclose(np.asarray(model.encoder(*_i32(ids, mask, tt))), want, atol=TOL, rtol=0)
     else:
-      ids, mask, tt = _inputs(rng, 3, 30)
-      block_mask = np.zeros((3, 30), bool)
-      block_mask[:, 10:27] = True
+      ids, mask, tt = _inputs(rng, 6, L)
+      block_mask = np.zeros((6, L), bool)
+      block_mask[:, 8:22] = True
       want, _, _ = hf.reader.qa_outputs(hf.reader.realm(*_t(ids, mask, tt))[0], torch.from_numpy(block_mask))
       got, _, _ = model.reader(*_i32(ids, mask, tt), block_mask)
       valid = np.asarray(got) > -1e30
@@ -126,8 +127,8 @@ def test_hf_reader_and_embedder_directories_convert(tmp_path):
   model = OpenQAModel(CFG, rngs=nnx.Rngs(1))
   assert weights.load_weights(str(tmp_path / "w"), model) == ["reader"]
   model.eval()
-  ids, mask, tt = _inputs(np.random.default_rng(1), 2, 20)
-  bm = np.ones((2, 20), bool)
+  ids, mask, tt = _inputs(np.random.default_rng(1), 6, L)
+  bm = np.ones((6, L), bool)
   with torch.no_grad():
     want, _, _ = reader.qa_outputs(reader.realm(*_t(ids, mask, tt))[0], torch.from_numpy(bm))
   got, _, _ = model.reader(*_i32(ids, mask, tt), bm)
@@ -149,7 +150,7 @@ def test_plain_bert_initialises_every_tower(tmp_path):
   model = RealmModel(cfg, rngs=nnx.Rngs(1))
   weights.load_weights(str(tmp_path / "w"), model)
   model.eval()
-  ids, mask, tt = _inputs(np.random.default_rng(2), 2, 16)
+  ids, mask, tt = _inputs(np.random.default_rng(2), 6, L)
   with torch.no_grad():
     want = bert(*_t(ids, mask, tt)).prediction_logits.numpy()
   np.testing.assert_allclose(np.asarray(model.encoder(*_i32(ids, mask, tt))), want, atol=TOL, rtol=0)

@@ -28,6 +28,7 @@ VOCAB = 500
 CFG = get_preset("tiny", **{"bert.vocab_size": VOCAB})
 H, I, S = CFG.bert.hidden_size, CFG.bert.intermediate_size, CFG.span_hidden_size
 TOL = 1e-5
+L = 24  # one sequence length (and mostly 6 rows) everywhere: JAX compiles each op shape once
 
 
 def bert_vars(scope: str, pooler: bool = True) -> dict[str, tuple]:
@@ -139,7 +140,7 @@ def test_embedder_scores_match_hf_tf_loader(tmp_path, finetuned):
   assert weights.load_weights(out, model, parts=["retriever"]) == ["retriever"]
   model.eval()
   hf = hf_from_tf(transformers.RealmEmbedder, prefix)
-  ids, mask, tt = inputs(np.random.default_rng(0), 3, 24)
+  ids, mask, tt = inputs(np.random.default_rng(0), 6, L)
   with torch.no_grad():
     want = hf(*t(ids, mask, tt)).projected_score.numpy()
   got = np.asarray(model.retriever.embed_docs(*i32(ids, mask, tt)))
@@ -160,13 +161,13 @@ def test_realm_embedder_plus_encoder_logits_match_hf(tmp_path):
   model.eval()
   hf = hf_from_tf(transformers.RealmKnowledgeAugEncoder, enc)
   rng = np.random.default_rng(1)
-  ids, mask, tt = inputs(rng, 2, 3, 32)
+  ids, mask, tt = inputs(rng, 2, 3, L)
   with torch.no_grad():
-    want = hf(*t(ids.reshape(6, 32), mask.reshape(6, 32), tt.reshape(6, 32))).logits.numpy()
-  got = np.asarray(model.encoder(*i32(ids, mask, tt))).reshape(6, 32, VOCAB)
+    want = hf(*t(ids.reshape(6, L), mask.reshape(6, L), tt.reshape(6, L))).logits.numpy()
+  got = np.asarray(model.encoder(*i32(ids, mask, tt))).reshape(6, L, VOCAB)
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
   hf_scorer = hf_from_tf(transformers.RealmScorer, emb, num_candidates=3)
-  q, c = inputs(rng, 2, 16), inputs(rng, 2, 3, 20)
+  q, c = inputs(rng, 2, L), inputs(rng, 2, 3, L)
   with torch.no_grad():
     s = hf_scorer(*t(*q), candidate_input_ids=torch.from_numpy(c[0]), candidate_attention_mask=torch.from_numpy(c[1]),
                   candidate_token_type_ids=torch.from_numpy(c[2]))
@@ -191,9 +192,9 @@ def test_orqa_reader_span_logits_and_embedder_match_hf(tmp_path):
   hf = hf_from_tf(transformers.RealmForOpenQA, prefix, num_block_records=n_blocks)
   np.testing.assert_array_equal(hf.block_emb.numpy(), block_emb)  # HF really read this checkpoint
   rng = np.random.default_rng(2)
-  ids, mask, tt = inputs(rng, 3, 40)
-  block_mask = np.zeros((3, 40), bool)
-  block_mask[:, 12:36] = True
+  ids, mask, tt = inputs(rng, 6, L)
+  block_mask = np.zeros((6, L), bool)
+  block_mask[:, 8:22] = True
   with torch.no_grad():
     hidden = hf.reader.realm(*t(ids, mask, tt))[0]
     want, _, _ = hf.reader.qa_outputs(hidden, torch.from_numpy(block_mask))
