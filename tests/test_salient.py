@@ -10,7 +10,7 @@ import pytest
 from realm_jax.data import sources
 from realm_jax.data.corpus import split_sentences
 from realm_jax.data.documents import read_mediawiki
-from realm_jax.data.salient import RuleTagger, TaggerError, get_tagger
+from realm_jax.data.salient import RuleTagger, TaggerError, get_tagger, title_mentions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,6 +67,17 @@ def test_spans_on_real_sentences_are_sorted_disjoint_and_trimmed():
       assert 0 <= s < e <= nxt[0] <= len(sentence)
       assert sentence[s:e] == sentence[s:e].strip()
   assert with_span / len(sentences) > 0.5
+
+
+def test_title_mentions_join_the_tagger_spans():
+  tagger = get_tagger("rule")
+  sentence = "Asphalt is a sticky liquid; asphalt concrete is used on roads in Asphalt Hills."
+  spans = title_mentions("Asphalt", sentence, tagger.tag_batch([sentence])[0])
+  # The opening word is found (the tagger skips it); the longer tagged name keeps priority.
+  assert [sentence[s:e] for s, e in spans] == ["Asphalt", "Asphalt Hills"]
+  sentence = "Mercury is the smallest planet, closer than Mercury's neighbour."
+  assert [sentence[s:e] for s, e in title_mentions("Mercury (planet)", sentence, [])] == ["Mercury", "Mercury"]
+  assert title_mentions("A", "A cat.", []) == []  # too short to be a name
 
 
 def test_unknown_tagger_is_a_clear_error():

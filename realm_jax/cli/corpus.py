@@ -12,7 +12,8 @@ def _build(args: argparse.Namespace) -> int:
 
   manifest = build_corpus(args.input, args.storage, prefix=args.prefix, tokenizer=args.tokenizer,
                           block_len=args.block_len, tagger=args.tagger, shard_blocks=args.shard_blocks,
-                          overwrite=args.overwrite, progress=not args.quiet, workers=args.workers)
+                          overwrite=args.overwrite, progress=not args.quiet, workers=args.workers,
+                          title_spans=not args.no_title_spans)
   s = manifest["stats"]
   frac = s["sentences_with_salient"] / max(1, s["sentences"])
   print(f"wrote {manifest['num_blocks']:,} blocks in {len(manifest['shards'])} shards to "
@@ -84,6 +85,8 @@ def register(sub) -> None:
                      help="tokenizer dir, vocab.txt, .model, or 'minilm' (bert-base-uncased vocab)")
   build.add_argument("--block-len", type=int, default=288, help="tokens per block with specials")
   build.add_argument("--tagger", default="rule", help="salient-span tagger: rule, rule-nonumbers, spacy")
+  build.add_argument("--no-title-spans", action="store_true",
+                     help="do not add mentions of the article title as salient spans")
   build.add_argument("--shard-blocks", type=int, default=10_000, help="blocks per shard")
   build.add_argument("--workers", type=int, default=1,
                      help="processes stripping MediaWiki markup (the slow step for dumps)")

@@ -29,7 +29,7 @@ import numpy as np
 
 from realm_jax.data.blocks import Block
 from realm_jax.data.documents import Document, read_documents
-from realm_jax.data.salient import Tagger, get_tagger
+from realm_jax.data.salient import Tagger, get_tagger, title_mentions
 from realm_jax.data.tokenizer import Encoding, Tokenizer, load_tokenizer, tokenizer_from_files
 from realm_jax.errors import RealmError
 
@@ -362,14 +362,15 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
                  tokenizer: str | Tokenizer = "minilm", block_len: int = 288,
                  tagger: str | Tagger = "rule", shard_blocks: int = 10_000,
                  overwrite: bool = False, progress: bool = False, doc_batch: int = 32,
-                 workers: int = 1) -> dict:
+                 workers: int = 1, title_spans: bool = True) -> dict:
   """Builds the block corpus from document files (or `Document`s) into `<storage>/<prefix>/`;
   returns the manifest.
 
   Streams documents in batches of `doc_batch` and writes each shard as it fills, so memory is
   bounded by one shard plus one batch. The manifest is written last; a failed build removes
   the shards it wrote, so no half-written corpus is ever readable. `workers` processes strip
-  MediaWiki markup (the slowest step for dumps).
+  MediaWiki markup (the slowest step for dumps). `title_spans`: mentions of the article's title
+  are salient spans too (where the tagger found nothing overlapping them).
   """
   storage = _open_storage(storage)
   tok = load_tokenizer(tokenizer)
@@ -400,8 +401,10 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
         encs = iter(tok.encode_batch(flat))
         for doc, t_enc, sents in zip(batch, titles, sentences):
           salient, parts = [], []
-          for s, _ in sents:
+          for s, e in sents:
             found = next(tags)
+            if title_spans:
+              found = title_mentions(doc.title, doc.text[s:e], found)
             stats["sentences_with_salient"] += bool(found)
             salient += [(s + a, s + b) for a, b in found]
             parts.append(next(encs))
@@ -432,6 +435,7 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
   manifest = {
       "format": FORMAT, "version": VERSION, "num_blocks": writer.next_id, "block_len": block_len,
       "tokenizer": {**tok.spec(), "files": tok_files}, "tagger": getattr(tag, "name", str(tagger)),
+      "title_spans": title_spans,
       "shard_blocks": shard_blocks, "shards": writer.shards, "stats": stats,
       "inputs": sorted({str(p) for p in inputs if not isinstance(p, Document)}),
   }

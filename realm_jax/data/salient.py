@@ -157,6 +157,19 @@ class SpacyTagger:
     return out
 
 
+def title_mentions(title: str, sentence: str, spans: list[Span]) -> list[Span]:
+  """`spans` plus the mentions of the article's title in `sentence` that overlap none of them.
+
+  The title names the article's entity, which a per-sentence tagger misses where it opens a
+  sentence ("Asphalt is a ..."); "Mercury (planet)" is matched as "Mercury".
+  """
+  name = title.split(" (", 1)[0].strip()
+  if len(name) < 3:
+    return spans
+  found = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(name)}(?!\w)", sentence)]
+  return _merge(list(spans) + found) if found else spans
+
+
 TAGGERS = {"rule": RuleTagger, "spacy": SpacyTagger}
 
 
