@@ -10,6 +10,7 @@ import transformers
 from flax import nnx
 
 from realm_jax import weights
+from realm_jax.cli.main import main
 from realm_jax.config import get_preset
 from realm_jax.convert import export_hf
 from realm_jax.convert.names import ConversionError
@@ -109,8 +110,7 @@ def test_round_trip_is_bit_identical_and_hf_agrees(tmp_path, source, kind):
 
 def test_export_realm_writes_scorer_and_encoder_and_refuses_to_overwrite(tmp_path, source):
   uri, _ = source
-  dirs = export_hf.export_hf(uri, "realm", str(tmp_path / "realm"), log=lambda s: None)
-  assert [d.rsplit("/", 1)[1] for d in dirs] == ["scorer", "encoder"]
+  assert main(["export", "hf", "--weights", uri, "--kind", "realm", "--out", str(tmp_path / "realm")]) == 0
   for sub, arch in (("scorer", "RealmScorer"), ("encoder", "RealmKnowledgeAugEncoder")):
     assert json.loads((tmp_path / "realm" / sub / "config.json").read_text())["architectures"] == [arch]
   with pytest.raises(ConversionError, match="not empty"):
@@ -123,7 +123,7 @@ def test_hf_reader_and_embedder_directories_convert(tmp_path):
   hf_cfg = transformers.RealmConfig(**export_hf.hfc.hf_config_dict(CFG))
   reader = transformers.RealmReader(hf_cfg).eval()
   reader.save_pretrained(str(tmp_path / "reader"), safe_serialization=False)
-  export_hf.convert_hf(str(tmp_path / "reader"), str(tmp_path / "w"), log=lambda s: None)
+  assert main(["convert", "hf", "--path", str(tmp_path / "reader"), "--out", str(tmp_path / "w")]) == 0
   model = OpenQAModel(CFG, rngs=nnx.Rngs(1))
   assert weights.load_weights(str(tmp_path / "w"), model) == ["reader"]
   model.eval()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from realm_jax.cli.main import main
 from realm_jax.convert import index as ix
 from realm_jax.data.corpus import CorpusReader
 from realm_jax.retrieval import index as index_lib
@@ -82,7 +83,8 @@ def test_convert_index_publishes_corpus_embeddings_and_scann_in_row_order(tmp_pa
   blocks = _tfrecords(tmp_path / "blocks.tfr", bodies)
   title_file = _tfrecords(tmp_path / "titles.tfr", titles)
   root = str(tmp_path / "root")
-  ix.convert_index(prefix, root, blocks=blocks, titles=title_file, rows_per_shard=20, chunk_rows=7, log=lambda s: None)
+  assert main(["convert", "index", "--checkpoint", prefix, "--blocks", blocks, "--titles", title_file,
+               "--storage", root, "--rows-per-shard", "20", "--step", "7"]) == 0
   storage = Storage.open(root)
   corpus = CorpusReader(storage)
   assert corpus.num_blocks == n and corpus.num_shards == 3
@@ -92,7 +94,7 @@ def test_convert_index_publishes_corpus_embeddings_and_scann_in_row_order(tmp_pa
   assert list(corpus.get_blocks([17])[0].body_ids) == list(tok.encode(bodies[17]).ids)
   loaded = index_lib.load_index(storage, corpus=corpus)
   np.testing.assert_array_equal(loaded.embeddings, emb)
-  assert [r for _, r in loaded.info.shards] == [20, 20, 13] and loaded.info.has_scann
+  assert [r for _, r in loaded.info.shards] == [20, 20, 13] and loaded.info.has_scann and loaded.info.step == 7
   searcher = loaded.load_searcher()
   queries = rng.standard_normal((4, 128)).astype(np.float32)
   res = searcher.search(queries, 3)
@@ -112,6 +114,7 @@ def test_convert_index_refuses_mismatched_counts(tmp_path):
 
 _CHILD = """
 import resource, sys, numpy as np
+from realm_jax.cli.main import main
 from realm_jax.convert import index as ix
 if sys.argv[1] == "convert":
   ix.convert_index(sys.argv[2], sys.argv[3], rows_per_shard=int(sys.argv[4]), log=lambda s: None)
