@@ -113,8 +113,10 @@ def test_embed_fn_sees_updated_weights(embedder):
   assert not np.allclose(before, after)
 
 
-def test_embed_fn_rejects_bad_inputs(embed_fn):
+def test_embed_fn_empty_and_bad_inputs(embed_fn):
   inputs = _random_inputs(4, 16)
+  empty = embed_fn({k: v[:0] for k, v in inputs.items()})
+  assert empty.shape == (0, CFG.retriever_dim) and empty.dtype == np.float32
   with pytest.raises(EmbedError, match="token_type_ids"):
     embed_fn({k: v for k, v in inputs.items() if k != "token_type_ids"})
   with pytest.raises(EmbedError, match="shapes"):
