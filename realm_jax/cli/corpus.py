@@ -19,7 +19,8 @@ def _build(args: argparse.Namespace) -> int:
   print(f"wrote {manifest['num_blocks']:,} blocks in {len(manifest['shards'])} shards to "
         f"{args.storage.rstrip('/')}/{args.prefix}: {s['documents']:,} documents, "
         f"{s['sentences']:,} sentences ({frac:.1%} with a salient span), "
-        f"{s['seconds']:.1f} s, {s['blocks_per_second']:,.0f} blocks/s")
+        f"{s['seconds']:.1f} s, {s['blocks_per_second']:,.0f} blocks/s "
+        f"({manifest['num_blocks'] / max(s['cpu_seconds'], 1e-9):,.0f} per CPU-second)")
   return 0
 
 

@@ -389,7 +389,7 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
   writer = _ShardWriter(storage, prefix, shard_blocks)
   stats = {"documents": 0, "sentences": 0, "sentences_with_salient": 0, "salient_spans": 0,
            "body_tokens": 0, "split_sentences": 0}
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   try:
     with _progress(progress) as bar:
       task = bar.add_task("building corpus", total=None, docs=0)
@@ -425,12 +425,13 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
     for shard in writer.shards:  # leave nothing half-built behind.
       storage.delete(f"{prefix}/{shard['path']}")
     raise
-  seconds = time.perf_counter() - t0
+  seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
   tok_files = {}
   for name, data in sorted(tok.files().items()):
     storage.write_bytes(f"{prefix}/tokenizer/{name}", data)
     tok_files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
   stats["seconds"] = round(seconds, 3)
+  stats["cpu_seconds"] = round(cpu_seconds, 3)  # this process only (not --workers processes)
   stats["blocks_per_second"] = round(writer.next_id / max(seconds, 1e-9), 1)
   manifest = {
       "format": FORMAT, "version": VERSION, "num_blocks": writer.next_id, "block_len": block_len,
