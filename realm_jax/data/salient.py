@@ -84,7 +84,7 @@ class RuleTagger:
     spans: list[Span] = []
     i = 0
     while i < len(words):
-      start, end, word = words[i]
+      word = words[i][2]
       if not word[0].isupper() or word.lower() in _FUNCTION_WORDS or word == "I":
         i += 1
         continue
@@ -102,11 +102,8 @@ class RuleTagger:
           j += 1
         else:
           break
-      run_start, run_end = words[i][0], words[last][1]
-      if i == 0 and last == i:
-        pass  # a lone capitalised first word is the sentence's capital, not a name.
-      else:
-        spans.append((run_start, run_end))
+      if i > 0 or last > i:  # a lone capitalised first word is the sentence's capital, not a name.
+        spans.append((words[i][0], words[last][1]))
       i = last + 1
     # Trim trailing punctuation kept by _WORD (e.g. "U.S." keeps its dots, "Paris." does not).
     out = []
