@@ -88,6 +88,23 @@ def detect_kind(hf_config: dict[str, Any], where: str) -> str:
   raise ConversionError(f"{where}/config.json: architectures {archs} is none of {sorted(ARCHS)}; pass --kind")
 
 
+def read_weights(d: pathlib.Path, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+  """A HF directory's weights without the tensors in `drop` (RealmForOpenQA's 6.8 GB `block_emb`
+  is never read: safetensors are opened lazily, `.bin` files memory-mapped)."""
+  if (d / "model.safetensors").exists():
+    from safetensors import safe_open
+    with safe_open(str(d / "model.safetensors"), framework="numpy") as f:
+      return {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+  if (d / "pytorch_model.bin").exists():
+    try:
+      import torch
+    except ImportError as e:
+      raise ConversionError(f"{d}: reading pytorch_model.bin needs torch (pip install 'realm-jax[convert]')") from e
+    sd = torch.load(str(d / "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+    return {k: hfc.to_numpy(v) for k, v in sd.items() if k not in drop}
+  return hfc.read_state_dict(d)  # names what is missing
+
+
 def load_hf_into(model: nnx.Module, sd: dict[str, Any], kind: str, cfg: RealmConfig, source: str) -> list[str]:
   """Copies a HF state dict of `kind` into `model`'s parts, strictly; returns the parts."""
   if kind == "bert":
@@ -121,7 +138,7 @@ def convert_hf(path: str, out: str, kind: str | None = None, config: RealmConfig
       raise ConversionError(f"{path}: config.json says {hf_cfg.get('architectures')} ({found}), not {kind}")
     kind = found
     cfg = config or hfc.realm_config_from_hf(hf_cfg)
-    sd = hfc.read_state_dict(d)
+    sd = read_weights(d, drop=("block_emb",))
   model = Towers(cfg, PARTS[kind], rngs=nnx.Rngs(0))
   parts = load_hf_into(model, sd, kind, cfg, source=f"{path} ({kind})")
   weights.save_weights(out, model, cfg, parts, metadata={"converted_from": path, "source_format": "hf", "kind": kind})
