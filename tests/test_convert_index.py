@@ -5,7 +5,6 @@ child process."""
 
 import json
 import os
-import resource
 import subprocess
 import sys
 

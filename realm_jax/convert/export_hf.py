@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import tempfile
 from typing import Any, Callable, Iterator
