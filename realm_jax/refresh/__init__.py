@@ -1,0 +1,1 @@
+"""The index refresher: re-embeds the corpus from the trainer's checkpoints and publishes indices."""
