@@ -1,7 +1,45 @@
-"""`realm-jax ask`: Answer a question with a fine-tuned model."""
+"""`realm-jax ask "question"`: the answer of a fine-tuned model, its evidence block and scores."""
 
-from realm_jax.cli.not_yet import register_placeholder
+from __future__ import annotations
+
+import argparse
 
 
-def register(sub):
-  register_placeholder(sub, "ask", "Answer a question with a fine-tuned model", 7)
+def register(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("ask", help="answer a question with a fine-tuned Open-QA model",
+                     description="Retrieve, read and print the best answer with its evidence block.")
+  p.add_argument("question", help="the question, in quotes")
+  p.add_argument("--storage", required=True, help="fine-tuning storage root (corpus, index, checkpoints)")
+  p.add_argument("--top", type=int, default=1, help="how many distinct answers to show (default 1)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--weights", default=None, help="converted weights (retriever + reader) instead of a checkpoint")
+  p.add_argument("--index", default=None, help="index version (default: the one the model was fine-tuned with)")
+  p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+  from rich.console import Console
+  from rich.panel import Panel
+
+  from realm_jax.errors import ConfigError
+  from realm_jax.openqa.answer import Answerer, highlighted
+  from realm_jax.openqa.features import QuestionError
+  from realm_jax.openqa.loading import load_for_answering
+
+  if args.top < 1:
+    raise ConfigError(f"--top must be >= 1, got {args.top}")
+  if not args.question.strip():
+    raise QuestionError("the question is empty")
+  setup = load_for_answering(args.storage, args.step, args.weights, args.index)
+  answerer = Answerer(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index.embeddings,
+                      setup.mesh, candidates=max(20, 4 * args.top))
+  answers = answerer.ask(args.question, args.top)
+  console = Console()
+  if not answers:
+    console.print("no answer found")
+    return 1
+  for i, a in enumerate(answers, start=1):
+    console.print(f"[bold]{i}. {a.text}[/bold]  score {a.score:.3f} = reader {a.reader_score:.3f} + "
+                  f"retriever {a.retriever_score:.3f}")
+    console.print(Panel(highlighted(a), title=f"{a.title} (block {a.block_id}, retrieval rank {a.block_rank})"))
+  return 0

@@ -1,0 +1,165 @@
+"""Batched Open-QA evaluation on the mesh: exact match (ORQA's SQuAD normalisation, regex match
+for CuratedTrec), retrieval recall@k (DPR's `has_answer` on the top-k blocks), predictions JSONL
+and a console summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from realm_jax.config import RealmConfig
+from realm_jax.data import qa
+from realm_jax.data.qa import QAExample
+from realm_jax.openqa import features, loading
+from realm_jax.openqa.step import predict
+
+RECALL_KS = (1, 5, 20, 100)
+
+
+def first_hit_rank(texts: Sequence[str], example: QAExample) -> int | None:
+  """1-based rank of the first block text containing an answer (DPR `has_answer`), or None."""
+  for rank, text in enumerate(texts, start=1):
+    if qa.has_answer(text, example.answers, example.answer_type):
+      return rank
+  return None
+
+
+def recall_at(ranks: Sequence[int | None], k: int) -> float:
+  """Fraction of questions whose first answer-bearing block is within the top k."""
+  return float(np.mean([r is not None and r <= k for r in ranks])) if ranks else 0.0
+
+
+@dataclasses.dataclass
+class Summary:
+  """Aggregate metrics of one evaluation run."""
+
+  name: str
+  num_questions: int
+  exact_match: float
+  recall: dict[int, float]
+  seconds: float
+
+  @property
+  def questions_per_second(self) -> float:
+    return self.num_questions / max(self.seconds, 1e-9)
+
+  def to_dict(self) -> dict:
+    return {"name": self.name, "num_questions": self.num_questions, "exact_match": self.exact_match,
+            **{f"recall@{k}": v for k, v in self.recall.items()}, "seconds": self.seconds,
+            "questions_per_second": self.questions_per_second}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _predict(graphdef, beam: int, state, batch, corpus):
+  return predict(nnx.merge(graphdef, state), batch, corpus, beam)
+
+
+class Evaluator:
+  """Answers questions in batches sharded over the mesh `data` axis, against a frozen index."""
+
+  def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings: np.ndarray,
+               mesh: jax.sharding.Mesh, batch_size: int = 64, recall_ks: Sequence[int] = RECALL_KS):
+    self.model, self.cfg, self.tables, self.mesh = model, cfg, tables, mesh
+    data = mesh.shape["data"]
+    self.batch_size = max(data, -(-batch_size // data) * data)
+    n = tables.num_blocks
+    if n < cfg.reader_beam_size:
+      raise loading.OpenQALoadError(f"the corpus has {n} blocks, fewer than reader_beam_size {cfg.reader_beam_size}")
+    self.recall_ks = tuple(recall_ks)
+    self.beam = min(max(max(self.recall_ks, default=1), cfg.reader_beam_size), n)
+    self.corpus = loading.reader_corpus(tables, embeddings, cfg, mesh)
+    self.sharding = NamedSharding(mesh, P("data"))
+    model.eval()
+    self._graphdef, _ = nnx.split(model)
+
+  def _raw(self, examples: Sequence[QAExample]) -> dict[str, np.ndarray]:
+    """Device predictions for `examples`, batch by batch (the last batch padded)."""
+    state = jax.device_put(nnx.state(self.model), NamedSharding(self.mesh, P()))  # e.g. restored on one device
+    outs = []
+    for i in range(0, len(examples), self.batch_size):
+      chunk = examples[i:i + self.batch_size]
+      host = features.encode_questions(chunk, self.tables.tok, self.cfg.query_len, with_answers=False)
+      host = features.pad_batch(host, self.batch_size)
+      batch = {k: jax.device_put(v, self.sharding) for k, v in host.items()}
+      outs.append((len(chunk), _predict(self._graphdef, self.beam, state, batch, self.corpus)))
+    if not outs:
+      return {}
+    keys = outs[0][1].keys()
+    return {k: np.concatenate([np.asarray(o[k])[:n] for n, o in outs]) for k in keys}
+
+  def answer(self, examples: Sequence[QAExample]) -> list[dict]:
+    """One record per question: the answer text, its block (id, title, rank), span and scores."""
+    raw = self._raw(examples)
+    out = []
+    for i, ex in enumerate(examples):
+      block = self.tables.blocks[int(raw["block_id"][i])]
+      start, end = int(raw["start"][i]), int(raw["end"][i])
+      text = features.span_text(block, start, end)
+      chars = [int(block.body_offsets[start, 0]), int(block.body_offsets[end, 1])] if text else None
+      ids = [int(b) for b in raw["ids"][i] if b >= 0]
+      out.append({"qid": ex.qid, "question": ex.question, "answer": text, "block_id": int(raw["block_id"][i]),
+                  "block_rank": int(raw["block"][i]) + 1, "title": block.title, "span_tokens": [start, end],
+                  "span_chars": chars, "score": float(raw["score"][i]),
+                  "reader_score": float(raw["reader_score"][i]),
+                  "retriever_score": float(raw["retriever_score"][i]), "retrieved": ids,
+                  "retrieved_scores": [float(s) for s in raw["scores"][i][:len(ids)]]})
+    return out
+
+  def evaluate(self, examples: Sequence[QAExample], name: str = "questions") -> tuple[list[dict], Summary]:
+    """Predictions (with `correct` and `first_hit_rank`) and the summary for a question set."""
+    t0 = time.perf_counter()
+    preds = self.answer(examples)
+    seconds = time.perf_counter() - t0
+    score_records(examples, preds, lambda block_id: self.tables.blocks[block_id].text)
+    return preds, summarize(name, preds, [k for k in self.recall_ks if k <= self.beam], seconds)
+
+
+def score_records(examples: Sequence[QAExample], records: Sequence[dict], block_text) -> None:
+  """Adds `answers`, `correct` (EM, or regex match for regex sets) and `first_hit_rank` (over the
+  record's `retrieved` block ids, text from `block_text(id)`) to each prediction record."""
+  for ex, p in zip(examples, records):
+    p["answers"] = list(ex.answers)
+    p["correct"] = bool(qa.score(p["answer"], ex))
+    p["first_hit_rank"] = first_hit_rank([block_text(b) for b in p["retrieved"]], ex)
+
+
+def summarize(name: str, records: Sequence[dict], recall_ks: Sequence[int], seconds: float) -> Summary:
+  """Exact match and recall@k over scored records."""
+  em = float(np.mean([p["correct"] for p in records])) if records else 0.0
+  ranks = [p["first_hit_rank"] for p in records]
+  return Summary(name, len(records), em, {k: recall_at(ranks, k) for k in recall_ks}, seconds)
+
+
+def write_predictions(path: str, predictions: Sequence[dict]) -> None:
+  """Predictions as JSONL (one object per question), written through a temp file then renamed."""
+  import os
+  import tempfile
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".predictions-")
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    for p in predictions:
+      f.write(json.dumps(p, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+
+
+def summary_table(summaries: Sequence[Summary]):
+  """A rich Table: one row per evaluated set."""
+  from rich.table import Table
+  ks = sorted({k for s in summaries for k in s.recall})
+  table = Table(title="Open-QA evaluation")
+  for col in ["set", "questions", "exact match"] + [f"recall@{k}" for k in ks] + ["questions/s"]:
+    table.add_column(col, justify="left" if col == "set" else "right")
+  for s in summaries:
+    table.add_row(s.name, str(s.num_questions), f"{100 * s.exact_match:.1f}",
+                  *[f"{100 * s.recall[k]:.1f}" if k in s.recall else "-" for k in ks], f"{s.questions_per_second:.1f}")
+  return table

@@ -1,0 +1,212 @@
+"""What fine-tuning, evaluation and `ask` share: model initialisation and restore, the corpus
+tables and the frozen index (built once from the document tower, or loaded as published)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from realm_jax import weights
+from realm_jax.config import RealmConfig
+from realm_jax.convert import hf as hfconv
+from realm_jax.data import sources
+from realm_jax.data.corpus import CorpusReader
+from realm_jax.errors import ConfigError, RealmError
+from realm_jax.models import KnowledgeAugEncoder, OpenQAModel
+from realm_jax.openqa import features
+from realm_jax.openqa.step import ReaderCorpus, place_reader_corpus
+from realm_jax.retrieval import index as index_lib
+from realm_jax.storage import Storage
+from realm_jax.train.checkpoints import Checkpoints
+
+
+class OpenQALoadError(RealmError):
+  """A fine-tuned model, its index or its corpus cannot be loaded."""
+
+
+class _EncoderShell(nnx.Module):
+  """Holds a pre-training `encoder` part, so its BERT can initialise the reader."""
+
+  def __init__(self, cfg: RealmConfig, rngs: nnx.Rngs):
+    self.encoder = KnowledgeAugEncoder(cfg, rngs=rngs)
+
+
+def _copy_encoder_to_reader(model: OpenQAModel, shell: _EncoderShell) -> None:
+  """REALM fine-tuning starts the reader from the pre-trained knowledge-augmented encoder's BERT."""
+  nnx.update(model.reader.bert, nnx.state(shell.encoder.bert, nnx.Param))
+
+
+def init_openqa_model(cfg: RealmConfig, init: str | None, seed: int, log: Callable[[str], None]) -> OpenQAModel:
+  """A fresh OpenQAModel, initialised from `init`: None (random), "minilm" (packaged BERT), a
+  pre-training storage root (its newest checkpoint: retriever, and the encoder's BERT for the
+  reader) or a weights directory (retriever and reader, or encoder -> reader)."""
+  model = OpenQAModel(cfg, rngs=nnx.Rngs(seed))
+  if not init:
+    log("initialised the Open-QA model randomly")
+    return model
+  if init == "minilm":
+    done = hfconv.init_from_bert(model, hfconv.read_state_dict(sources.minilm_dir()), source="MiniLM-L6")
+    log(f"initialised {', '.join(done)} from the packaged MiniLM-L6 BERT")
+    return model
+  root = epath.Path(init)
+  if (root / "checkpoints").exists():
+    ckpt = Checkpoints(str(root / "checkpoints"), read_only=True)
+    step = ckpt.latest_step()
+    if step is None:
+      raise OpenQALoadError(f"{init}/checkpoints holds no finished checkpoint")
+    ckpt.restore_part(step, model, "retriever")
+    parts = ["retriever"]
+    try:
+      shell = _EncoderShell(cfg, nnx.Rngs(seed))
+      ckpt.restore_part(step, shell, "encoder")
+      _copy_encoder_to_reader(model, shell)
+      parts.append("reader (from the encoder's BERT)")
+    except (ValueError, KeyError, FileNotFoundError):
+      ckpt.restore_part(step, model, "reader")  # a fine-tuning root: it has a reader itself
+      parts.append("reader")
+    log(f"initialised {', '.join(parts)} from checkpoint step {step} under {init}")
+    return model
+  available = _weight_parts(init)
+  wanted = [p for p in ("retriever", "reader") if p in available]
+  if "retriever" not in wanted:
+    raise OpenQALoadError(f"{init}: weights have parts {sorted(available)}; fine-tuning needs `retriever`")
+  weights.load_weights(init, model, wanted)
+  if "reader" not in wanted and "encoder" in available:
+    shell = _EncoderShell(cfg, nnx.Rngs(seed))
+    weights.load_weights(init, shell, ["encoder"])
+    _copy_encoder_to_reader(model, shell)
+    wanted.append("reader (from the encoder's BERT)")
+  log(f"initialised {', '.join(wanted)} from {init}")
+  return model
+
+
+def _weight_parts(uri: str) -> set[str]:
+  import orbax.checkpoint as ocp
+  weights.read_config(uri)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    meta = ckpt.restore(epath.Path(uri) / "weights", ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  return set(meta["parts"])
+
+
+@dataclasses.dataclass
+class Finetuned:
+  """A model ready to answer: weights, config, the index version it was trained with."""
+
+  model: OpenQAModel
+  config: RealmConfig
+  index_version: str | None
+  step: int | None
+  corpus_prefix: str
+
+
+def load_finetuned(storage_uri: str, step: int | None = None, weights_uri: str | None = None) -> Finetuned:
+  """The fine-tuned model under `storage_uri/checkpoints` (newest step unless `step`), or the
+  converted weights at `weights_uri` (retriever + reader) with the root's latest index."""
+  if weights_uri:
+    cfg = weights.read_config(weights_uri)
+    model = OpenQAModel(cfg, rngs=nnx.Rngs(0))
+    available = _weight_parts(weights_uri)
+    if not {"retriever", "reader"} <= available:
+      raise OpenQALoadError(f"{weights_uri}: has parts {sorted(available)}; answering needs retriever and reader")
+    weights.load_weights(weights_uri, model, ["retriever", "reader"])
+    model.eval()
+    return Finetuned(model, cfg, None, None, "corpus")
+  storage = Storage.open(storage_uri)
+  ckpt = Checkpoints(storage.uri("checkpoints"), read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise OpenQALoadError(f"{storage.uri('checkpoints')}: no fine-tuning checkpoint (run `realm-jax finetune`)")
+  if step not in ckpt.all_steps():
+    raise OpenQALoadError(f"{storage.uri('checkpoints')}: no step {step}; have {ckpt.all_steps()}")
+  meta = ckpt.read_meta(step)
+  if meta.get("kind") != "openqa":
+    raise OpenQALoadError(f"{storage.uri('checkpoints')}/{step} is not an Open-QA fine-tuning checkpoint")
+  cfg = RealmConfig.from_dict(meta["config"]["model"])
+  model = OpenQAModel(cfg, rngs=nnx.Rngs(0))
+  for part in ("retriever", "reader"):
+    ckpt.restore_part(step, model, part)
+  model.eval()
+  return Finetuned(model, cfg, meta.get("index_version"), step, meta["config"].get("corpus_prefix", "corpus"))
+
+
+@dataclasses.dataclass
+class CorpusTables:
+  """The corpus in host memory: blocks (texts, offsets) and the tokenizer it was built with."""
+
+  reader: CorpusReader
+  blocks: list
+  tok: object
+
+  @property
+  def num_blocks(self) -> int:
+    return len(self.blocks)
+
+
+def load_corpus(storage: Storage, prefix: str, cfg: RealmConfig) -> CorpusTables:
+  corpus = CorpusReader(storage, prefix)
+  tok = corpus.tokenizer()
+  if tok.vocab_size > cfg.bert.vocab_size:
+    raise ConfigError(f"the corpus tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                      f"{cfg.bert.vocab_size}")
+  if corpus.block_len > cfg.block_len:
+    raise ConfigError(f"corpus blocks are up to {corpus.block_len} tokens, model.block_len is {cfg.block_len}")
+  return CorpusTables(corpus, list(corpus.iter_blocks()), tok)
+
+
+def ensure_index(storage: Storage, model: OpenQAModel, tables: CorpusTables, cfg: RealmConfig, mesh,
+                 version: str | None, log: Callable[[str], None]) -> index_lib.LoadedIndex:
+  """The index to retrieve from: `version` if given, else LATEST, else built now from the model's
+  document tower and published (the document embeddings stay frozen from then on)."""
+  if version is None and index_lib.latest_index_info(storage) is None:
+    log("no index published: embedding the corpus with the document tower (frozen from now on)")
+    model.eval()
+    info = index_lib.build_and_publish_index(storage, model.retriever.doc_embedder, tables.reader, cfg, step=0,
+                                             mesh=mesh)
+    log(f"published index {info.version} ({info.num_blocks} blocks)")
+  loaded = index_lib.load_index(storage, version, corpus=tables.reader)
+  if loaded.info.dim != cfg.retriever_dim:
+    raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model "
+                          f"retrieves with {cfg.retriever_dim}-d queries")
+  return loaded
+
+
+def reader_corpus(tables: CorpusTables, embeddings: np.ndarray, cfg: RealmConfig, mesh) -> ReaderCorpus:
+  """Places the frozen embeddings and the body tokens on the mesh."""
+  bodies = features.body_table(tables.blocks, tables.reader.block_len, tables.tok.pad_id)
+  cont = features.continuation_table(tables.tok, cfg.bert.vocab_size)
+  return place_reader_corpus(embeddings, bodies, cont, mesh, tables.tok)
+
+
+@dataclasses.dataclass
+class AnsweringSetup:
+  """Everything `evaluate` and `ask` need: the model, the corpus, the index and the mesh."""
+
+  finetuned: Finetuned
+  tables: CorpusTables
+  index: index_lib.LoadedIndex
+  mesh: object
+
+
+def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: str | None = None,
+                       index_version: str | None = None, corpus_prefix: str | None = None) -> AnsweringSetup:
+  """Model (checkpoint or weights), corpus and the index it was fine-tuned with (or `index_version`,
+  or LATEST), all checked against each other."""
+  from realm_jax.openqa.config import FinetuneConfig
+  from realm_jax.train.trainer import make_mesh
+
+  finetuned = load_finetuned(storage_uri, step, weights_uri)
+  storage = Storage.open(storage_uri)
+  tables = load_corpus(storage, corpus_prefix or finetuned.corpus_prefix, finetuned.config)
+  version = index_version or finetuned.index_version
+  if version is None and index_lib.latest_index_info(storage) is None:
+    raise OpenQALoadError(f"{storage.uri(index_lib.PREFIX)}: no index published; fine-tune there first or "
+                          "publish one with `realm-jax refresh`")
+  loaded = index_lib.load_index(storage, version, corpus=tables.reader)
+  if loaded.info.dim != finetuned.config.retriever_dim:
+    raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model retrieves with "
+                          f"{finetuned.config.retriever_dim}-d queries")
+  return AnsweringSetup(finetuned, tables, loaded, make_mesh(FinetuneConfig()))

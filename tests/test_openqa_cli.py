@@ -1,0 +1,123 @@
+"""`realm-jax finetune | evaluate | ask` end to end on a tiny model and the invented-facts corpus.
+
+Fine-tuning resumes exactly (interrupted + resumed = straight), evaluation reads the real
+NQ-Open / WebQuestions / CuratedTrec test files through its input path (counts checked) and writes
+predictions JSONL, `ask` prints an answer with its evidence; bad questions are handled clearly.
+"""
+
+import json
+import logging
+
+import pytest
+
+from realm_jax.cli.main import main
+from realm_jax.data.corpus import build_corpus
+from realm_jax.data.qa import QAExample, load_questions
+from realm_jax.openqa import features
+from realm_jax.storage import Storage
+from tests.helpers.facts_corpus import write_documents
+
+SETTINGS = ["num_train_steps=4", "checkpoint_every=2", "log_every=1", "async_checkpointing=false",
+            "batch_size=8", "max_answers=2", "max_answer_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("openqa")
+  docs = write_documents(root / "docs.jsonl")
+  build_corpus([str(root / "docs.jsonl")], Storage.open(str(root / "seed")), block_len=64)
+  questions = root / "facts.jsonl"
+  questions.write_text("".join(json.dumps({"question": f"Where was {d['title']} born?", "answers": [d["city"]]}) + "\n"
+                               for d in docs))
+  return root
+
+
+def _root(corpus_dir, tmp_path, name):
+  src, dst = Storage.open(str(corpus_dir / "seed")), Storage.open(str(tmp_path / name))
+  for path in src.list("corpus"):
+    dst.write_bytes(path, src.read_bytes(path))
+  return str(tmp_path / name)
+
+
+def _finetune(root, questions, *extra):
+  return main(["finetune", "--storage", root, "--set", f"train_questions={questions}", *SETTINGS, *extra])
+
+
+def _losses(root):
+  rows = Storage.open(root).read_bytes("metrics/finetune.jsonl").decode().splitlines()
+  return {r["step"]: r["loss"] for r in map(json.loads, rows)}
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_dir, tmp_path_factory):
+  """A run interrupted after 2 steps and resumed to 4."""
+  root = _root(corpus_dir, tmp_path_factory.mktemp("interrupted"), "run")
+  questions = corpus_dir / "facts.jsonl"
+  assert _finetune(root, questions, "--stop-after", "2") == 0
+  assert _finetune(root, questions, "--resume") == 0
+  return root
+
+
+def test_resumed_finetuning_equals_a_straight_run(trained, corpus_dir, tmp_path, capsys):
+  straight = _root(corpus_dir, tmp_path, "straight")
+  assert _finetune(straight, corpus_dir / "facts.jsonl") == 0
+  want, got = _losses(straight), _losses(trained)
+  assert sorted(got) == [1, 2, 3, 4] and sorted(want) == [1, 2, 3, 4]
+  assert [got[s] for s in range(1, 5)] == pytest.approx([want[s] for s in range(1, 5)], rel=1e-5)
+  capsys.readouterr()
+  assert _finetune(trained, corpus_dir / "facts.jsonl") == 2  # not without --resume
+  assert "pass --resume" in capsys.readouterr().err
+
+
+def test_evaluate_reads_the_real_test_sets(trained, corpus_dir, tmp_path, capsys):
+  counts = {name: len(load_questions(name)) for name in ("nq-test", "wq-test", "ct-test")}
+  assert counts == {"nq-test": 3610, "wq-test": 2032, "ct-test": 694}
+  assert load_questions("ct-test")[0].answer_type == "regex"
+  out = tmp_path / "preds"
+  facts = str(corpus_dir / "facts.jsonl")
+  code = main(["evaluate", "--storage", trained, "--questions", "nq-test", "wq-test", "ct-test", facts,
+               "--limit", "5", "--out", str(out), "--json", "--batch-size", "8"])
+  captured = capsys.readouterr().out
+  assert code == 0
+  summaries = json.loads(captured.strip().splitlines()[-1])
+  assert [s["name"] for s in summaries] == ["nq-test", "wq-test", "ct-test", facts]
+  assert all(s["num_questions"] == 5 for s in summaries)
+  assert "exact match" in captured and "recall@5" in captured
+  for name in ("nq-test", "wq-test", "ct-test", "facts"):
+    rows = [json.loads(l) for l in (out / f"{name}.jsonl").read_text().splitlines()]
+    assert len(rows) == 5
+    for r in rows:
+      assert {"answer", "block_id", "title", "score", "reader_score", "retriever_score", "correct",
+              "first_hit_rank", "retrieved"} <= set(r)
+      assert r["score"] == pytest.approx(r["reader_score"] + r["retriever_score"], abs=1e-3)
+  nq = [json.loads(l) for l in (out / "nq-test.jsonl").read_text().splitlines()]
+  assert [r["question"] for r in nq] == [e.question for e in load_questions("nq-test")[:5]]
+  facts_rows = [json.loads(l) for l in (out / "facts.jsonl").read_text().splitlines()]
+  # Every facts question has its answer in exactly one block: recall@16 over 16 blocks is 1.
+  assert all(r["first_hit_rank"] is not None for r in facts_rows)
+
+
+def test_ask_prints_the_answer_and_its_evidence(trained, capsys):
+  assert main(["ask", "Where was Zorblat born?", "--storage", trained, "--top", "2"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("1. ") and "\n2. " in out
+  assert "retriever" in out and "retrieval rank" in out and "block " in out
+  assert main(["ask", "   ", "--storage", trained]) == 2
+  assert "empty" in capsys.readouterr().err
+
+
+def test_bad_questions(trained, tmp_path, capsys, caplog):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_bytes(b'{"question": "fine?", "answers": ["yes"]}\n{"question": "caf\xe9?", "answers": ["x"]}\n')
+  assert main(["evaluate", "--storage", trained, "--questions", str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert f"{bad}:2" in err and "UTF-8" in err
+  from realm_jax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer("minilm")
+  with pytest.raises(features.QuestionError, match="'empty-1'"):
+    features.encode_questions([QAExample("empty-1", "  ", ["a"])], tok, 16)
+  long = QAExample("long-7", "why " * 40, ["a"])
+  with caplog.at_level(logging.WARNING, logger="realm_jax.openqa"):
+    batch = features.encode_questions([long], tok, 16)
+  assert "long-7" in caplog.text and "truncated" in caplog.text
+  assert batch["attention_mask"].sum() == 16 and batch["input_ids"][0, -1] == tok.sep_id
