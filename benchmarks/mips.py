@@ -231,8 +231,8 @@ def main() -> None:
         for r in run_worker(args, devices, data_dir):
           rows.append((f"ours: mips.search, {r['devices']} {r['platform']} device(s)",
                        r["seconds"], np.load(data_dir / r["ids"]), not args.approx, r["peak"],
-                       f"tiles of {r['chunk_rows'] or 'default'} rows, precision {args.precision or 'default'}"
-                       f", first call {r['first_call_s']:.1f} s"))
+                       f"tiles of {r['chunk_rows'] or 'default'} rows, precision "
+                       f"{args.precision or 'default'}, first call {r['first_call_s']:.1f} s"))
   if "scann" not in args.skip:
     sys.path.insert(0, str(REPO))
     from realm_jax.retrieval import scann_index
