@@ -156,3 +156,53 @@ def test_refresher_kills_bad_versions_and_trainer_kill(corpus_seed, tmp_path):
     assert f"finished at step {finalized + 2}" in text, text[-3000:]
   finally:
     trainer.kill()
+
+
+def _write_checkpoint(root: str, cfg, step: int, seed: int) -> None:
+  """A trainer-format checkpoint (the real Checkpoints class) of a freshly initialised model."""
+  import optax
+  from flax import nnx
+  from realm_jax.models import RealmModel
+  from realm_jax.train.checkpoints import Checkpoints
+
+  model = RealmModel(cfg.model, rngs=nnx.Rngs(seed))
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+  ckpt = Checkpoints(Storage.open(root).uri("checkpoints"), keep=10, async_save=False)
+  ckpt.save(step, model, optimizer, {}, {"config": cfg.to_dict(), "index_version": None})
+  ckpt.close()
+
+
+def test_refresher_in_process_conflict_config_and_stop(corpus_seed, tmp_path):
+  """Lost publish race skipped (not fatal), a mismatched model config refused by name, and the
+  loop's two exits (--max-versions, TRAINING_DONE)."""
+  import pytest
+  from realm_jax.refresh.refresher import Refresher, RefreshError, RefreshOptions
+  from realm_jax.train.config import load_config
+
+  root = root_with_corpus(corpus_seed, str(tmp_path / "run"))
+  storage = Storage.open(root)
+  cfg = load_config("smoke", ["keep_index_versions=5"])
+  _write_checkpoint(root, cfg, 2, seed=1)
+  _write_checkpoint(root, cfg, 4, seed=2)
+  lines: list[str] = []
+  refresher = Refresher(cfg, root, RefreshOptions(max_versions=1, poll_seconds=0.1,
+                                                  embed_batch_size=8), log_fn=lines.append)
+  assert refresher.next_step() == 4  # the newest finalized step newer than (no) index
+  result = refresher.run()
+  assert result.reason == "max versions" and [i.step for i in result.published] == [4]
+  assert publish.open_latest(storage, "index").metadata["step"] == 4
+  assert refresher.next_step() is None
+  # A publish that loses the race (LATEST already names a newer version) is skipped.
+  assert refresher.refresh(2) is None
+  assert any("another publisher got there first" in l for l in lines), lines
+  assert publish.open_latest(storage, "index").metadata["step"] == 4
+  # TRAINING_DONE stops the loop before anything more is published.
+  _write_checkpoint(root, cfg, 6, seed=3)
+  storage.write_bytes("TRAINING_DONE", b"6\n")
+  done = Refresher(cfg, root, RefreshOptions(poll_seconds=0.1, embed_batch_size=8),
+                   log_fn=lines.append).run()
+  assert done.reason == "training done" and done.published == []
+  # A refresher configured for another model refuses the checkpoint, naming both fingerprints.
+  other = load_config("smoke", ["model.retriever_dim=64"])
+  with pytest.raises(RefreshError, match=r"checkpoints/6: the trainer's model config"):
+    Refresher(other, root, RefreshOptions(embed_batch_size=8), log_fn=lines.append).refresh(6)

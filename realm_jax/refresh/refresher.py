@@ -86,6 +86,7 @@ class Refresher:
     self.log = log_fn or (lambda msg: print(f"[realm-jax refresh] {msg}", flush=True))
     self.storage = faults_lib.open_storage(storage_uri)
     self.faults = getattr(self.storage, "faults", None)
+    self._last_warning = ""
     self.corpus = CorpusReader(self.storage, cfg.corpus_prefix)
     self.keep = options.keep or cfg.keep_index_versions
     self.mesh = embed_lib.default_mesh()
@@ -114,7 +115,10 @@ class Refresher:
         step = publish.version_key(pointer["version"])[0]
       except (RealmError, KeyError, TypeError):
         step = -1
-      self.log(f"the index LATEST names is unreadable ({e}); treating it as step {step}")
+      message = f"the index LATEST names is unreadable ({e}); treating it as step {step}"
+      if message != self._last_warning:  # once, not at every poll
+        self._last_warning = message
+        self.log(message)
       return step
 
   def _staged(self, step: int) -> bool:
