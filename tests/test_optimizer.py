@@ -1,0 +1,76 @@
+"""BERT's optimiser against a numpy transcription of the original AdamWeightDecayOptimizer."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from realm_jax.config import ConfigError
+from realm_jax.train.config import TrainConfig, apply_overrides
+from realm_jax.train.optimizer import bert_adamw, bert_warmup_steps, decay_mask, warmup_linear_decay
+
+
+def _numpy_bert_adamw(params, grads_seq, lr_fn, wd=0.01, clip=1.0, b1=0.9, b2=0.999, eps=1e-6):
+  """optimization.py of google-research/bert: clip by global norm, Adam without bias
+  correction, decoupled weight decay except for LayerNorm and bias, lr schedule."""
+  m = {k: np.zeros_like(v) for k, v in params.items()}
+  v = {k: np.zeros_like(x) for k, x in params.items()}
+  p = {k: x.copy() for k, x in params.items()}
+  for step, grads in enumerate(grads_seq):
+    norm = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    scale = clip / max(norm, clip)
+    for k in p:
+      g = grads[k] * scale
+      m[k] = b1 * m[k] + (1 - b1) * g
+      v[k] = b2 * v[k] + (1 - b2) * g * g
+      update = m[k] / (np.sqrt(v[k]) + eps)
+      if not (k.endswith("bias") or "norm" in k):
+        update = update + wd * p[k]
+      p[k] = p[k] - lr_fn(step) * update
+  return p
+
+
+def test_bert_adamw_matches_the_original_update_rule():
+  rng = np.random.default_rng(0)
+  params = {"dense/kernel": rng.normal(size=(4, 3)).astype(np.float32),
+            "dense/bias": rng.normal(size=(3,)).astype(np.float32),
+            "layer_norm/scale": rng.normal(size=(3,)).astype(np.float32)}
+  grads_seq = [{k: rng.normal(size=x.shape).astype(np.float32) * 3 for k, x in params.items()} for _ in range(5)]
+  schedule = warmup_linear_decay(1e-2, total_steps=10, warmup_steps=2)
+  tx = bert_adamw(schedule, weight_decay=0.01, clip_norm=1.0)
+  nested = {"dense": {"kernel": params["dense/kernel"], "bias": params["dense/bias"]},
+            "layer_norm": {"scale": params["layer_norm/scale"]}}
+  state = tx.init(nested)
+  p = nested
+  for grads in grads_seq:
+    g = {"dense": {"kernel": grads["dense/kernel"], "bias": grads["dense/bias"]},
+         "layer_norm": {"scale": grads["layer_norm/scale"]}}
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+  want = _numpy_bert_adamw(params, grads_seq, lambda s: float(schedule(s)))
+  np.testing.assert_allclose(np.asarray(p["dense"]["kernel"]), want["dense/kernel"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(p["dense"]["bias"]), want["dense/bias"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(p["layer_norm"]["scale"]), want["layer_norm/scale"], rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_and_decay_mask():
+  assert bert_warmup_steps(200_000) == 10_000 and bert_warmup_steps(500) == 100
+  s = warmup_linear_decay(1.0, 100, 10)
+  assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5) and float(s(10)) == pytest.approx(0.9)
+  assert float(s(100)) == pytest.approx(0.0)
+  mask = decay_mask({"layers": {"attention_norm": {"scale": jnp.ones(2)}, "query": {"kernel": jnp.ones(2),
+                                                                                   "bias": jnp.ones(2)}}})
+  assert mask == {"layers": {"attention_norm": {"scale": False}, "query": {"kernel": True, "bias": False}}}
+
+
+def test_train_config_overrides_and_validation():
+  cfg = apply_overrides(TrainConfig(), ["batch_size=64", "model.marginal=span", "model.bert.dtype=bfloat16",
+                                        "init=minilm", "max_index_staleness=null"])
+  assert cfg.batch_size == 64 and cfg.model.marginal == "span" and cfg.model.bert.dtype == "bfloat16"
+  assert cfg.init == "minilm" and cfg.max_index_staleness is None
+  with pytest.raises(ConfigError, match="unknown config key 'batchsize'"):
+    apply_overrides(cfg, ["batchsize=3"])
+  with pytest.raises(ConfigError, match="divisible by grad_accum_steps"):
+    apply_overrides(cfg, ["grad_accum_steps=5"])
+  with pytest.raises(ConfigError, match="retrieval must be one of"):
+    apply_overrides(cfg, ["retrieval=faiss"])
