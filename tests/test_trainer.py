@@ -81,3 +81,32 @@ def test_resume_continues_exactly(corpus_root, tmp_path):
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert all(r["index_staleness"] == r["step"] for r in rows)  # one index, built at step 0
   assert any(p.startswith("metrics/tb-realm/events.out.tfevents") for p in storage.list("metrics"))
+
+
+def test_synchronous_refresh_reembeds_every_n_steps(corpus_root, tmp_path):
+  """--synchronous-refresh (Atlas-style): stop, re-embed with the current document tower, go on."""
+  from realm_jax.retrieval import index as index_lib
+  from realm_jax.train.config import load_config
+  from realm_jax.train.trainer import Trainer
+
+  cfg = load_config("smoke", OVERRIDES + ["index_refresh=sync", "sync_refresh_every=2"])
+  root = _fresh_root(corpus_root, tmp_path, "sync")
+  result = Trainer(cfg, root, log_fn=lambda m: None, stop_after=5).run()
+  assert len(result.index_versions) == 3  # bootstrap at step 0, then steps 2 and 4
+  info = index_lib.latest_index_info(Storage.open(root))
+  assert info.step == 4 and info.version == result.index_versions[-1]
+  staleness = [h["index_staleness"] for h in result.history]
+  assert staleness == [1, 2, 1, 2, 1]  # after each refresh the index is as fresh as the weights
+
+
+def test_ict_warm_start_trains_the_retriever(corpus_root, tmp_path):
+  from realm_jax.train.config import load_config
+  from realm_jax.train.trainer import Trainer
+
+  cfg = load_config("ict_smoke", ["batch_size=16", "log_every=1", "async_checkpointing=false",
+                                  "grad_accum_steps=2", "num_train_steps=3"])
+  root = _fresh_root(corpus_root, tmp_path, "ict")
+  result = Trainer(cfg, root, log_fn=lambda m: None).run()
+  assert result.step == 6  # 3 optimizer steps x 2 micro-batches
+  assert all(0.0 <= h["ict_accuracy"] <= 1.0 and np.isfinite(h["loss"]) for h in result.history)
+  assert Storage.open(root).exists("TRAINING_DONE")

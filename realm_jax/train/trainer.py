@@ -175,6 +175,27 @@ def init_model(cfg: TrainConfig, log_fn) -> RealmModel:
   return model
 
 
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process arrives, through the coordination service (no device collective:
+  gloo's 30 s context deadline is too short for a process that is still compiling or embedding)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination client has no public accessor in jax 0.10
+  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+def agree(value: str | None) -> str | None:
+  """Multi-host: every process adopts process 0's `value` (a short string or None)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  buf = np.zeros(128, np.uint8)
+  raw = (value or "").encode()[:128]
+  buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  return bytes(out).rstrip(b"\0").decode() or None
+
+
 def _local_copy(module: nnx.Module) -> nnx.Module:
   """A copy of `module` whose arrays live on this process only (replicated arrays: the local
   replica; sharded ones: all-gathered, which every process must call together)."""
@@ -223,6 +244,7 @@ class IndexWatcher(threading.Thread):
 
   def run(self) -> None:
     while not self._stop.wait(self.poll_s):
+      info = None
       try:
         info = index_lib.latest_index_info(self.storage)
         if info is None or info.version == self.current or info.version in self.rejected:
@@ -236,11 +258,19 @@ class IndexWatcher(threading.Thread):
         self.log(f"index watcher: loaded {info.version} (checkpoint step {info.step}) in "
                  f"{time.perf_counter() - t0:.1f}s; swapping in at the next step")
       except RealmError as e:
-        bad = getattr(e, "version", None) or (info.version if "info" in locals() and info else "?")
-        self.rejected.append(bad)
-        self.log(f"index watcher: refused index version {bad}: {e}; keeping the current index")
+        bad = getattr(e, "version", None) or (info.version if info else self._latest_name())
+        if bad not in self.rejected:
+          self.rejected.append(bad)
+          self.log(f"index watcher: refused index version {bad}: {e}; keeping the current index")
       except Exception as e:  # storage hiccups: try again at the next poll
         self.log(f"index watcher: {type(e).__name__}: {e}")
+
+  def _latest_name(self) -> str:
+    """The version LATEST names, read raw (for log lines when its manifest is unreadable)."""
+    try:
+      return str(self.storage.read_json(f"{index_lib.PREFIX}/LATEST").get("version", "?"))
+    except Exception:  # noqa: BLE001 - only for a log line
+      return "?"
 
   def take(self):
     with self._lock:
@@ -353,9 +383,7 @@ class Trainer:
           mesh=local_mesh, with_scann=self.cfg.retrieval == "scann", keep=self.cfg.keep_index_versions)
       self.log(f"published index {info.version} from the document tower at step {self.step} "
                f"({info.num_blocks} blocks, embed {info.timings.get('embed_seconds', 0):.1f}s)")
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"realm-jax index published at step {self.step}")
+    barrier(f"realm-jax-index-published-{self.step}")
 
   def _activate(self, loaded: index_lib.LoadedIndex, searcher=None) -> None:
     self.active = ActiveIndex(loaded.info, mips.shard_rows(loaded.embeddings, self.mesh), searcher)
@@ -390,7 +418,12 @@ class Trainer:
       return
     while True:
       ready = self.watcher.take()
-      if ready is not None:
+      # Every process must swap at the same step: process 0's watcher decides.
+      chosen = agree(ready[0].info.version if ready else None)
+      if chosen is not None and chosen != self.active.info.version:
+        if ready is None or ready[0].info.version != chosen:  # this process had not loaded it yet
+          loaded = index_lib.load_index(self.storage, chosen, corpus=self.corpus)
+          ready = (loaded, loaded.load_searcher() if cfg.retrieval == "scann" else None)
         old = self.active.info.version
         self._activate(*ready)
         self.log(f"swapped index {old} -> {self.active.info.version} at step {self.step} "
@@ -460,6 +493,10 @@ class Trainer:
           self._scann_candidates(batch)
         state = nnx.state((self.model, self.optimizer))
         index = self.active.on_mesh if self.active else None
+        if jax.process_count() > 1 and not hasattr(self._train_step, "as_text"):
+          # Compile ahead, then meet: processes enter the first collective together.
+          self._train_step = self._train_step.lower(state, batch, self.dev_corpus, index).compile()
+          barrier("realm-jax-step-compiled")
         new_state, metrics = self._train_step(state, batch, self.dev_corpus, index)
         nnx.update((self.model, self.optimizer), new_state)
         self.step += 1
