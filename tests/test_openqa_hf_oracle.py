@@ -60,6 +60,7 @@ def setup(tmp_path_factory):
   hf_cfg = transformers.RealmConfig(**hfconv.hf_config_dict(CFG), num_block_records=n, searcher_beam_size=n)
   tokenizer = transformers.BertTokenizerFast(vocab_file=str(sources.minilm_dir() / "vocab.txt"))
   records = np.array([b.text.encode() for b in tables.blocks], dtype=object)
+  torch.manual_seed(0)
   hf = transformers.RealmForOpenQA(hf_cfg, retriever=RecordingRetriever(records, tokenizer))
   g = torch.Generator().manual_seed(0)
   with torch.no_grad():
@@ -140,8 +141,9 @@ def test_retrieval_span_logits_and_answers_match_hf(setup):
     assert answered[i]["block_id"] == int(hf_ids[reader_out.block_idx.item()])
     span_ids = block.body_ids[answered[i]["span_tokens"][0]:answered[i]["span_tokens"][1] + 1]
     np.testing.assert_array_equal(span_ids, out.predicted_answer_ids.numpy())
-    assert answered[i]["answer"].lower() == s["tokenizer"].decode(out.predicted_answer_ids).lower().replace(" ", "") \
-        or answered[i]["answer"].lower().split() == s["tokenizer"].decode(out.predicted_answer_ids).lower().split()
+    # Our text is cut from the block by character offsets; HF decodes word pieces (lowercased, "##").
+    hf_text = s["tokenizer"].decode(out.predicted_answer_ids).replace("##", "")
+    assert answered[i]["answer"].lower().replace(" ", "") == hf_text.lower().replace(" ", "")
   assert checked_spans > 100
 
 
@@ -149,14 +151,13 @@ def test_losses_match_hf(setup):
   """ORQA's retriever and reader losses over the read beam (HF eval mode searches reader_beam_size)."""
   s = setup
   corpus = loading.reader_corpus(s["tables"], s["embeddings"], CFG, s["mesh"])
-  checked = 0
-  for q, a in QUESTIONS + [("where did kelvaro move?", "near the coast")]:
-    ex = QAExample("q", q, [a])
-    batch = features.encode_questions([ex], s["tables"].tok, CFG.query_len, max_answers=2, max_answer_tokens=6)
-    _, metrics = finetune_loss(s["model"], batch, corpus, CFG.reader_beam_size)
-    out, _, _ = _hf_run(s, q, a)
-    r = out.reader_output
-    np.testing.assert_allclose(float(metrics["retriever_loss"]), r.retriever_loss.item(), atol=1e-4, rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["reader_loss"]), r.reader_loss.item(), atol=1e-4, rtol=1e-5)
-    checked += float(metrics["reader_loss"]) > 0
-  assert checked >= 2  # some questions really had an answer in the read blocks
+  pairs = QUESTIONS + [("where did kelvaro move?", "near the coast")]
+  examples = [QAExample(f"q{i}", q, [a]) for i, (q, a) in enumerate(pairs)]
+  batch = features.encode_questions(examples, s["tables"].tok, CFG.query_len, max_answers=2, max_answer_tokens=6)
+  _, metrics = finetune_loss(s["model"], batch, corpus, CFG.reader_beam_size)  # one batch, mean over questions
+  hf = [_hf_run(s, q, a)[0].reader_output for q, a in pairs]
+  hf_retriever = [r.retriever_loss.item() for r in hf]
+  hf_reader = [r.reader_loss.item() for r in hf]
+  np.testing.assert_allclose(float(metrics["retriever_loss"]), np.mean(hf_retriever), atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["reader_loss"]), np.mean(hf_reader), atol=1e-4, rtol=1e-5)
+  assert sum(x > 0 for x in hf_reader) >= 2  # some questions really had an answer in the read blocks
