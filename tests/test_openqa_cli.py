@@ -121,3 +121,24 @@ def test_bad_questions(trained, tmp_path, capsys, caplog):
     batch = features.encode_questions([long], tok, 16)
   assert "long-7" in caplog.text and "truncated" in caplog.text
   assert batch["attention_mask"].sum() == 16 and batch["input_ids"][0, -1] == tok.sep_id
+
+
+def test_evaluate_and_ask_from_converted_weights(trained, tmp_path, capsys):
+  """`--weights` (a weights directory with retriever + reader) answers like the checkpoint it holds."""
+  from realm_jax import weights
+  from realm_jax.openqa.loading import load_finetuned
+
+  tuned = load_finetuned(trained)
+  weights.save_weights(str(tmp_path / "w"), tuned.model, tuned.config, parts=["retriever", "reader"])
+  answers = []
+  for extra in ([], ["--weights", str(tmp_path / "w")]):
+    out = tmp_path / f"preds{len(extra)}.jsonl"
+    assert main(["evaluate", "--storage", trained, "--questions", "wq-test", "--limit", "3", "--out", str(out),
+                 *extra]) == 0
+    answers.append([json.loads(l)["answer"] for l in out.read_text().splitlines()])
+  assert len(answers[0]) == 3 and answers[0] == answers[1]
+  encoder_only = tmp_path / "bert"
+  weights.save_weights(str(encoder_only), tuned.model, tuned.config, parts=["retriever"])
+  capsys.readouterr()
+  assert main(["ask", "Where was Zorblat born?", "--storage", trained, "--weights", str(encoder_only)]) == 2
+  assert "retriever and reader" in capsys.readouterr().err
