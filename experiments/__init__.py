@@ -1,1 +1,2 @@
-"""Experiment configs: each file defines `get_config() -> realm_jax.train.config.TrainConfig`."""
+"""Experiment configs: each file defines `get_config()` returning a `TrainConfig` (pre-training,
+ICT) or an `openqa.config.FinetuneConfig` (the `openqa_*` files)."""
