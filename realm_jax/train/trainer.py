@@ -529,6 +529,7 @@ class Trainer:
       self.log(f"training done at step {self.step}; wrote {DONE_MARKER}")
     self.ckpt.close()
     self.loader.close()
+    barrier("realm-jax-run-finished")  # leave together: process 0 has more to flush than the rest
     return TrainResult(self.step, history, list(self.index_versions))
 
   def _save(self, writer: MetricsWriter) -> None:
