@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -73,26 +73,31 @@ SKIP_READER = [r"realm\.pooler\.", r"cls\."]  # RealmReader carries an unused ML
 SKIP_ALWAYS = [r"(^|\.)position_ids$", r"(^|\.)adam_[mv]$", r"global_step$"]
 
 
-def param_names(module: nnx.Module, rules: Iterable[Rule]) -> dict[tuple, tuple[str, bool]]:
-  """Our parameter path -> (source name, transposed) for every Param of `module`."""
+def match_rules(module: nnx.Module, rules: Iterable[Rule]) -> Iterator[tuple[tuple, str, str, tuple]]:
+  """(our path, source prefix, kind, path below the rule's prefix) for every Param of `module`;
+  a parameter no rule covers is an error that names it."""
   rules = list(rules)
-  out = {}
   for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param)):
     for ours, src, kind in rules:
-      if path[:len(ours)] != ours:
-        continue
-      rest = path[len(ours):]
-      if kind == "bert":
-        name, transposed = bert_name(rest)
-        out[path] = (src + name, transposed)
-      elif kind == "param":
-        out[path] = (src, False)
-      else:
-        leaf, transposed = dense_name(rest[-1], kind, path)
-        out[path] = (src + leaf, transposed)
-      break
+      if path[:len(ours)] == ours:
+        yield path, src, kind, path[len(ours):]
+        break
     else:
       raise ConversionError(f"no conversion rule covers parameter {'/'.join(map(str, path))}")
+
+
+def param_names(module: nnx.Module, rules: Iterable[Rule]) -> dict[tuple, tuple[str, bool]]:
+  """Our parameter path -> (source name, transposed) for every Param of `module`."""
+  out = {}
+  for path, src, kind, rest in match_rules(module, rules):
+    if kind == "bert":
+      name, transposed = bert_name(rest)
+      out[path] = (src + name, transposed)
+    elif kind == "param":
+      out[path] = (src, False)
+    else:
+      leaf, transposed = dense_name(rest[-1], kind, path)
+      out[path] = (src + leaf, transposed)
   return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from realm_jax.config import BertConfig, RealmConfig, get_preset
-from realm_jax.convert.hf import Rule, _nest
+from realm_jax.convert.hf import Rule, _nest, match_rules
 from realm_jax.convert.names import ConversionError, bert_name, hf_to_tf
 from realm_jax.errors import ConfigError
 from realm_jax.models import KnowledgeAugEncoder, Retriever, SpanReader
@@ -168,25 +168,17 @@ _TF_LEAF = {"linear": {"kernel": "kernel", "bias": "bias"}, "norm": {"scale": "g
 
 def tf_param_names(module: nnx.Module, rules: Iterable[Rule]) -> dict[tuple, str]:
   """Our parameter path -> TF variable name (TF kernels are `[in, out]`, as ours: no transposes)."""
-  rules = list(rules)
   out = {}
-  for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-    for ours, src, kind in rules:
-      if path[:len(ours)] != ours:
-        continue
-      rest = path[len(ours):]
-      if kind == "bert":
-        out[path] = src + hf_to_tf(bert_name(rest)[0])
-      elif kind == "param":
-        out[path] = src
-      else:
-        leaf = _TF_LEAF[kind].get(rest[-1])
-        if leaf is None:
-          raise _fail(f"no TF name for parameter {'/'.join(map(str, path))}")
-        out[path] = src + leaf
-      break
+  for path, src, kind, rest in match_rules(module, rules):
+    if kind == "bert":
+      out[path] = src + hf_to_tf(bert_name(rest)[0])
+    elif kind == "param":
+      out[path] = src
     else:
-      raise _fail(f"no conversion rule covers parameter {'/'.join(map(str, path))}")
+      leaf = _TF_LEAF[kind].get(rest[-1])
+      if leaf is None:
+        raise _fail(f"no TF name for parameter {'/'.join(map(str, path))}")
+      out[path] = src + leaf
   return out
 
 

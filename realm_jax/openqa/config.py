@@ -6,13 +6,11 @@ return one from `get_config()`. Only the fields the shared trainer helpers read 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
-import pathlib
 from typing import Any
 
 from realm_jax.config import RealmConfig, get_preset
 from realm_jax.errors import ConfigError
+from realm_jax.train import config as train_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,48 +75,11 @@ class FinetuneConfig:
     return cls(**d)
 
 
-def _parse(text: str) -> Any:
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError:
-    return text
-
-
 def apply_overrides(cfg: FinetuneConfig, overrides: list[str]) -> FinetuneConfig:
   """`key=value` (JSON values or bare strings); `model.<f>` / `model.bert.<f>` reach the model."""
-  top, model = {}, {}
-  fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-  for item in overrides:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ConfigError(f"--set expects key=value, got {item!r}")
-    if key.startswith("model."):
-      model[key[len("model."):]] = _parse(value)
-    elif key in fields:
-      top[key] = _parse(value)
-    else:
-      raise ConfigError(f"unknown config key {key!r}; known: {sorted(fields)} and model.*")
-  if model:
-    try:
-      top["model"] = cfg.model.replace(**model)
-    except TypeError as e:
-      raise ConfigError(f"bad model override: {e}") from e
-  return cfg.replace(**top) if top else cfg
+  return train_config.apply_overrides(cfg, overrides)
 
 
 def load_finetune_config(spec: str, overrides: list[str] | None = None) -> FinetuneConfig:
   """`spec`: a .py experiment path, or a name under `experiments/` (e.g. `openqa_smoke`)."""
-  path = pathlib.Path(spec)
-  if not path.suffix:
-    path = pathlib.Path(__file__).resolve().parents[2] / "experiments" / f"{spec}.py"
-  if not path.exists():
-    raise ConfigError(f"experiment config {spec!r} not found (looked for {path})")
-  module_spec = importlib.util.spec_from_file_location(f"realm_openqa_experiment_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path}: an experiment file must define get_config()")
-  cfg = module.get_config()
-  if not isinstance(cfg, FinetuneConfig):
-    raise ConfigError(f"{path}: get_config() must return a FinetuneConfig, got {type(cfg).__name__}")
-  return apply_overrides(cfg, overrides or [])
+  return train_config.load_experiment(spec, FinetuneConfig, overrides)

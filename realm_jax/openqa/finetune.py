@@ -28,7 +28,7 @@ from realm_jax.storage import Storage
 from realm_jax.train.checkpoints import Checkpoints
 from realm_jax.train.metrics import MetricsWriter, progress_line
 from realm_jax.train.optimizer import bert_adamw, warmup_linear_decay
-from realm_jax.train.trainer import make_mesh, maybe_initialize_distributed, param_sharding
+from realm_jax.train.trainer import make_mesh, maybe_initialize_distributed, param_sharding, place_state
 
 log = logging.getLogger("realm_jax.openqa")
 
@@ -133,7 +133,7 @@ class Finetuner:
                                    wrt=trained_params(cfg.model.share_embedders, cfg.train_query_tower))
     state = nnx.state((self.model, self.optimizer))
     self.state_sharding = param_sharding(self.mesh, cfg, state)
-    nnx.update((self.model, self.optimizer), jax.device_put(state, self.state_sharding))
+    nnx.update((self.model, self.optimizer), place_state(state, self.state_sharding))
 
     # -- checkpoints -------------------------------------------------------------------------------
     self.ckpt = Checkpoints(self.storage.uri("checkpoints"), keep=cfg.keep_checkpoints,

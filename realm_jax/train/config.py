@@ -106,10 +106,12 @@ def _parse_value(text: str) -> Any:
     return text  # bare strings
 
 
-def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-  """Applies `key=value` strings; values are JSON (numbers, true/false, null) or bare strings."""
+def apply_overrides(cfg, overrides: list[str]):
+  """Applies `key=value` strings to any config dataclass with a `model: RealmConfig` field;
+  values are JSON (numbers, true/false, null) or bare strings; `model.<f>` / `model.bert.<f>`
+  reach the model config."""
   top, model = {}, {}
-  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  fields = {f.name for f in dataclasses.fields(type(cfg))}
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -128,8 +130,9 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
   return cfg.replace(**top) if top else cfg
 
 
-def load_config(spec: str, overrides: list[str] | None = None) -> TrainConfig:
-  """`spec` is a path to a .py experiment or a name under `experiments/` (e.g. 'smoke')."""
+def load_experiment(spec: str, config_type: type, overrides: list[str] | None = None):
+  """`spec` is a path to a .py experiment or a name under `experiments/` (e.g. 'smoke'); its
+  `get_config()` must return a `config_type`, to which `overrides` are applied."""
   path = pathlib.Path(spec)
   if not path.suffix:
     path = pathlib.Path(__file__).resolve().parents[2] / "experiments" / f"{spec}.py"
@@ -141,6 +144,11 @@ def load_config(spec: str, overrides: list[str] | None = None) -> TrainConfig:
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: an experiment file must define get_config()")
   cfg = module.get_config()
-  if not isinstance(cfg, TrainConfig):
-    raise ConfigError(f"{path}: get_config() must return a TrainConfig, got {type(cfg).__name__}")
+  if not isinstance(cfg, config_type):
+    raise ConfigError(f"{path}: get_config() must return a {config_type.__name__}, got {type(cfg).__name__}")
   return apply_overrides(cfg, overrides or [])
+
+
+def load_config(spec: str, overrides: list[str] | None = None) -> TrainConfig:
+  """A pre-training / ICT experiment (see `load_experiment`)."""
+  return load_experiment(spec, TrainConfig, overrides)
