@@ -27,13 +27,13 @@ def run_processes(script: str, num_processes: int, devices_per_process: int, tim
              "JAX_PROCESS_ID": str(pid)}
       procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True))
-    outputs = []
-    for pid, p in enumerate(procs):
-      out, err = p.communicate(timeout=timeout)
-      if p.returncode != 0:
-        raise AssertionError(f"process {pid} exited {p.returncode}:\n{err[-4000:]}")
-      outputs.append(out)
-    return outputs
+    results = [p.communicate(timeout=timeout) for p in procs]
+    failed = [(pid, p.returncode, err) for pid, (p, (_, err)) in enumerate(zip(procs, results)) if p.returncode != 0]
+    if failed:
+      # The first process to fail is usually the cause; the others die waiting for it.
+      report = "\n".join(f"--- process {pid} exited {rc}:\n{err[-2500:]}" for pid, rc, err in failed)
+      raise AssertionError(f"{len(failed)} of {len(procs)} processes failed\n{report}")
+    return [out for out, _ in results]
   finally:
     for p in procs:
       if p.poll() is None:
