@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -196,6 +195,20 @@ def agree(value: str | None) -> str | None:
   return bytes(out).rstrip(b"\0").decode() or None
 
 
+def gather_json(value: Any) -> list[Any]:
+  """Every process's JSON-serialisable `value`, in process order (a collective)."""
+  if jax.process_count() == 1:
+    return [value]
+  import json
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  longest = int(np.max(multihost_utils.process_allgather(np.array([raw.size], np.int32))))
+  buf = np.zeros(longest, np.uint8)
+  buf[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(buf))
+  return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+
+
 def _local_copy(module: nnx.Module) -> nnx.Module:
   """A copy of `module` whose arrays live on this process only (replicated arrays: the local
   replica; sharded ones: all-gathered, which every process must call together)."""
@@ -350,7 +363,11 @@ class Trainer:
                        "to continue that run, or use a fresh storage root")
     if latest is not None:
       data_state, meta = self.ckpt.restore(latest, self.model, self.optimizer)
-      self.loader.set_state(data_state)
+      per_process = data_state["processes"]
+      if len(per_process) != jax.process_count():
+        raise ConfigError(f"checkpoint step {latest} was written by {len(per_process)} processes; resume it "
+                          f"with the same number (this run has {jax.process_count()})")
+      self.loader.set_state(per_process[jax.process_index()])
       self.step = int(meta["step"])
       self.log(f"resumed from checkpoint step {self.step}")
     elif resume:
@@ -534,5 +551,7 @@ class Trainer:
 
   def _save(self, writer: MetricsWriter) -> None:
     meta = {"config": self.cfg.to_dict(), "index_version": self.active.info.version if self.active else None}
-    self.ckpt.save(self.step, self.model, self.optimizer, self.loader.get_state(), meta)
+    # orbax writes JSON items from process 0 only: gather every process's input position first.
+    data_state = {"processes": gather_json(self.loader.get_state())}
+    self.ckpt.save(self.step, self.model, self.optimizer, data_state, meta)
     writer.flush()
