@@ -2,7 +2,6 @@
 through a local directory, every storage backend and a published index version."""
 
 import json
-import pathlib
 import shutil
 
 import numpy as np
