@@ -139,10 +139,7 @@ class Finetuner:
     self.ckpt = Checkpoints(self.storage.uri("checkpoints"), keep=cfg.keep_checkpoints,
                             async_save=cfg.async_checkpointing)
     self.step = 0
-    latest = self.ckpt.latest_step()
-    if latest is not None and not resume:
-      raise RealmError(f"{self.storage.uri('checkpoints')} already holds step {latest}: pass --resume to continue "
-                       "that run, or use a fresh storage root")
+    latest = self.ckpt.step_to_resume(resume)
     if latest is not None:
       meta = self.ckpt.read_meta(latest)
       if meta.get("kind") != "openqa":

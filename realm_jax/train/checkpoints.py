@@ -63,6 +63,15 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def step_to_resume(self, resume: bool) -> int | None:
+    """The newest finalized step to resume from (None: start fresh); refuses to start a new run
+    over a root that already holds checkpoints unless `resume`."""
+    latest = self.latest_step()
+    if latest is not None and not resume:
+      raise CheckpointError(f"{self.directory} already holds step {latest}: pass --resume to continue "
+                            "that run, or use a fresh storage root")
+    return latest
+
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
