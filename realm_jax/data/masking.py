@@ -30,6 +30,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from realm_jax.data import features
 from realm_jax.data.blocks import Block
 
 IGNORE_LABEL = -100
@@ -242,22 +243,6 @@ def make_masker(kind: str, special: SpecialIds, **kwargs) -> Callable[[Block, np
 # Inverse Cloze Task (ORQA warm start).
 
 
-def _doc_features(title_ids: np.ndarray, body_ids: np.ndarray, special: SpecialIds, block_len: int,
-                  prefix: str) -> dict:
-  """`[CLS] title [SEP] body [SEP]` (segments 0 / 1), truncated and padded to `block_len`."""
-  title = title_ids[:max(0, block_len - 3)]
-  body = body_ids[:max(0, block_len - 3 - len(title))]
-  ids = np.concatenate([[special.cls_id], title, [special.sep_id], body, [special.sep_id]])
-  n = len(ids)
-  out_ids = np.full(block_len, special.pad_id, np.int32)
-  out_ids[:n] = ids
-  mask = np.zeros(block_len, np.int32)
-  mask[:n] = 1
-  segments = np.zeros(block_len, np.int32)
-  segments[len(title) + 2:n] = 1
-  return {f"{prefix}input_ids": out_ids, f"{prefix}attention_mask": mask, f"{prefix}token_type_ids": segments}
-
-
 def ict_example(block: Block, rng: np.random.Generator, special: SpecialIds, query_len: int = 64,
                 block_len: int = 288, remove_prob: float = 0.9) -> dict | None:
   """ORQA's Inverse Cloze Task pair: a random sentence, and its block without it (p=remove_prob).
@@ -280,7 +265,7 @@ def ict_example(block: Block, rng: np.random.Generator, special: SpecialIds, que
   n = len(query) + 2
   out["query_input_ids"][:n] = np.concatenate([[special.cls_id], query, [special.sep_id]])
   out["query_attention_mask"][:n] = 1
-  out.update(_doc_features(block.title_ids, body, special, block_len, "block_"))
+  out.update({f"block_{k}": v for k, v in features.doc_inputs(block.title_ids, body, block_len, special).items()})
   out["block_id"] = np.int64(block.block_id)
   out["sentence_removed"] = np.int32(removed)
   return out
