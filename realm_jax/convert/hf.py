@@ -258,3 +258,28 @@ def init_from_bert(model: nnx.Module, state_dict: Mapping[str, Any], source: str
       done.append(name)
       seen.add(id(obj))
   return done
+
+
+_LAYER_KEY = re.compile(r"^(?:bert\.)?encoder\.layer\.(\d+)\.")
+
+
+def first_layers(state_dict: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+  """The state dict of a BERT cut to its first `num_layers` layers (a cheap, still pre-trained
+  model: the lower layers of a BERT are a BERT). Refuses to add layers that are not there."""
+  have = {int(m.group(1)) for k in state_dict if (m := _LAYER_KEY.match(k))}
+  if num_layers > len(have):
+    raise ConversionError(f"asked for {num_layers} layers but the weights have {len(have)}")
+  return {k: v for k, v in state_dict.items() if not ((m := _LAYER_KEY.match(k)) and int(m.group(1)) >= num_layers)}
+
+
+def init_from_minilm(model: nnx.Module, num_layers: int | None = None) -> str:
+  """Initialises every BERT of `model` from the packaged MiniLM-L6 (its first `num_layers` layers
+  when the model is shallower); returns a log line saying what was loaded."""
+  from realm_jax.data import sources  # data -> convert would be circular at import time
+  sd = read_state_dict(sources.minilm_dir())
+  have = len({int(m.group(1)) for k in sd if (m := _LAYER_KEY.match(k))})
+  source = "MiniLM-L6"
+  if num_layers is not None and num_layers < have:
+    sd, source = first_layers(sd, num_layers), f"the first {num_layers} of MiniLM-L6's {have} layers"
+  done = init_from_bert(model, sd, source=source)
+  return f"initialised {', '.join(done)} from {source} (packaged BERT)"

@@ -13,7 +13,6 @@ from flax import nnx
 from realm_jax import weights
 from realm_jax.config import RealmConfig
 from realm_jax.convert import hf as hfconv
-from realm_jax.data import sources
 from realm_jax.data.corpus import CorpusReader
 from realm_jax.errors import ConfigError, RealmError
 from realm_jax.models import KnowledgeAugEncoder, OpenQAModel
@@ -49,8 +48,7 @@ def init_openqa_model(cfg: RealmConfig, init: str | None, seed: int, log: Callab
     log("initialised the Open-QA model randomly")
     return model
   if init == "minilm":
-    done = hfconv.init_from_bert(model, hfconv.read_state_dict(sources.minilm_dir()), source="MiniLM-L6")
-    log(f"initialised {', '.join(done)} from the packaged MiniLM-L6 BERT")
+    log(hfconv.init_from_minilm(model, cfg.bert.num_layers))
     return model
   root = epath.Path(init)
   if (root / "checkpoints").exists():

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from realm_jax import weights
 from realm_jax.convert import hf as hfconv
-from realm_jax.data import masking, sources
+from realm_jax.data import masking
 from realm_jax.data.corpus import CorpusReader
 from realm_jax.data.pipeline import make_loader
 from realm_jax.errors import ConfigError, RealmError
@@ -166,8 +166,7 @@ def example_transform(cfg: TrainConfig, specials) -> Callable:
 def init_model(cfg: TrainConfig, log_fn) -> RealmModel:
   model = RealmModel(cfg.model, rngs=nnx.Rngs(cfg.seed))
   if cfg.init == "minilm":
-    done = hfconv.init_from_bert(model, hfconv.read_state_dict(sources.minilm_dir()), source="MiniLM-L6")
-    log_fn(f"initialised {', '.join(done)} from the packaged MiniLM-L6 BERT")
+    log_fn(hfconv.init_from_minilm(model, cfg.model.bert.num_layers))
   elif cfg.init:
     parts = weights.load_weights(cfg.init, model)
     log_fn(f"initialised {', '.join(parts)} from {cfg.init}")
