@@ -2,10 +2,12 @@
 
 One command: `python benchmarks/train_step.py [--presets tiny minilm] [--batch 2] [--iters 5]`.
 Ours: the full step of `realm_jax.train.realm_step.realm_loss` (query embed, exact MIPS over a
-row-sharded index, candidate re-embedding, encoder, marginal loss) forward+backward + optimizer.
-HF: `RealmScorer` (query + 8 candidates) + `RealmKnowledgeAugEncoder` with labels, forward+backward
-+ AdamW, candidates given (HF has no in-step retrieval). Also a breakdown of our step into its
-parts, each timed as its own jitted forward+backward.
+row-sharded index, candidate re-embedding, encoder, marginal loss) forward+backward + optimizer,
+jitted over the (model, optimizer) state as the trainer does. HF: `RealmScorer` (query + the
+candidates) + `RealmKnowledgeAugEncoder` with labels, forward+backward + AdamW, candidates given
+(HF has no in-step retrieval). Both in training mode (dropout on). After the warm-up steps the two
+sides alternate step by step, so load from other jobs hits both alike; every timed step is
+printed, with a steadiness check (slowest / fastest). `--breakdown` also times our step's parts.
 """
 
 from __future__ import annotations
@@ -17,27 +19,28 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from realm_jax.config import get_preset
 from realm_jax.convert.hf import hf_config_dict
 from realm_jax.data.masking import Specials
-from realm_jax.models import RealmModel, marginal_log_likelihood, relevance_scores
+from realm_jax.models import RealmModel, marginal_log_likelihood
 from realm_jax.retrieval import mips
 from realm_jax.train import device_corpus, realm_step
 from realm_jax.train.optimizer import bert_adamw
 
 
-def _time(fn, iters: int) -> float:
-  for _ in range(2):  # compile; nnx.jit retraces once after the first optimizer update
+def _seconds(fn) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
+def _time(fn, iters: int, warmup: int = 2) -> float:
+  """Median seconds of `iters` calls after `warmup` (compile) calls."""
+  for _ in range(warmup):
     jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return statistics.median(_seconds(fn) for _ in range(iters))
 
 
 def make_inputs(cfg, batch: int, num_blocks: int, rng):
@@ -61,55 +64,65 @@ def make_inputs(cfg, batch: int, num_blocks: int, rng):
   return doc, body, batch_d, sp
 
 
-def bench_ours(cfg, batch, num_blocks, iters, rng):
+def ours_step(cfg, batch, num_blocks, rng):
+  """A zero-argument callable running one of our train steps (state carried between calls)."""
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   doc, body, b, sp = make_inputs(cfg, batch, num_blocks, rng)
   corpus = device_corpus.place_corpus(doc, body, mesh, sp)
   index = mips.shard_rows(rng.normal(size=(num_blocks, cfg.retriever_dim)).astype(np.float32), mesh)
   model = RealmModel(cfg, rngs=nnx.Rngs(0))
+  model.train()
   opt = nnx.Optimizer(model, bert_adamw(1e-5), wrt=nnx.Param)
   b = {k: jnp.asarray(v) for k, v in b.items()}
+  graphdef, state = nnx.split((model, opt))
 
-  @nnx.jit
-  def step(model, opt, b):
+  @jax.jit
+  def step(state, b):
+    model, opt = nnx.merge(graphdef, state)
     (loss, _), grads = nnx.value_and_grad(lambda m: realm_step.realm_loss(m, b, corpus, index), has_aux=True)(model)
     opt.update(model, grads)
+    return nnx.state((model, opt)), loss
+
+  box = {"state": state}
+
+  def run():
+    box["state"], loss = step(box["state"], b)
     return loss
 
-  full = _time(lambda: step(model, opt, b), iters)
+  def breakdown(iters: int) -> dict[str, float]:
+    """Each part as its own jitted forward+backward (retrieval forward only)."""
+    m, _ = nnx.merge(graphdef, box["state"])
+    c = cfg.num_candidates
+    q_emb = m.retriever.embed_queries(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    ids = realm_step.retrieve_candidates(q_emb, index, b["block_id"], c, False)
+    null_doc, null_body = realm_step.null_document(corpus, batch, cfg.block_len)
+    cand = jnp.concatenate([null_doc, device_corpus.gather_rows(corpus.doc_tokens, ids)], 1)
+    bodies = jnp.concatenate([null_body, device_corpus.gather_rows(corpus.body_tokens, ids)], 1)
+    joint = device_corpus.joint_inputs(b["input_ids"], b["attention_mask"], bodies, sp.pad_id)
+    pos = jnp.broadcast_to(b["mlm_positions"][:, None], (batch, c, 10))
+    parts = {
+        "query embed": nnx.jit(lambda m: nnx.grad(lambda m: m.retriever.embed_queries(
+            b["input_ids"], b["attention_mask"], b["token_type_ids"]).sum())(m)),
+        "retrieval": jax.jit(lambda q: realm_step.retrieve_candidates(q, index, b["block_id"], c, False)),
+        "candidate embed": nnx.jit(lambda m: nnx.grad(lambda m: m.retriever.embed_docs(
+            *device_corpus.doc_inputs_from_tokens(cand, sp.pad_id, sp.sep_id)).sum())(m)),
+        "encoder": nnx.jit(lambda m: nnx.grad(lambda m: marginal_log_likelihood(
+            m.encoder(*joint, mlm_positions=pos), b["mlm_targets"], b["mlm_weights"], jnp.zeros((batch, c)))[0])(m)),
+    }
+    return {name: _time(lambda fn=fn, arg=(q_emb if name == "retrieval" else m): fn(arg), iters)
+            for name, fn in parts.items()}
 
-  # Breakdown: each part as its own jitted forward+backward (retrieval forward only).
-  c = cfg.num_candidates
-  q_emb = model.retriever.embed_queries(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-  ids = realm_step.retrieve_candidates(q_emb, index, b["block_id"], c, False)
-  null_doc, null_body = realm_step.null_document(corpus, batch, cfg.block_len)
-  cand = jnp.concatenate([null_doc, device_corpus.gather_rows(corpus.doc_tokens, ids)], 1)
-  bodies = jnp.concatenate([null_body, device_corpus.gather_rows(corpus.body_tokens, ids)], 1)
-  joint = device_corpus.joint_inputs(b["input_ids"], b["attention_mask"], bodies, sp.pad_id)
-  pos = jnp.broadcast_to(b["mlm_positions"][:, None], (batch, c, 10))
-
-  parts = {
-      "query embed": nnx.jit(lambda m: nnx.grad(lambda m: m.retriever.embed_queries(
-          b["input_ids"], b["attention_mask"], b["token_type_ids"]).sum())(m)),
-      "retrieval": jax.jit(lambda q: realm_step.retrieve_candidates(q, index, b["block_id"], c, False)),
-      "candidate embed": nnx.jit(lambda m: nnx.grad(lambda m: m.retriever.embed_docs(
-          *device_corpus.doc_inputs_from_tokens(cand, sp.pad_id, sp.sep_id)).sum())(m)),
-      "encoder": nnx.jit(lambda m: nnx.grad(lambda m: marginal_log_likelihood(
-          m.encoder(*joint, mlm_positions=pos), b["mlm_targets"], b["mlm_weights"], jnp.zeros((batch, c)))[0])(m)),
-  }
-  breakdown = {}
-  for name, fn in parts.items():
-    arg = q_emb if name == "retrieval" else model
-    breakdown[name] = _time(lambda fn=fn, arg=arg: fn(arg), iters)
-  return batch / full, full, breakdown
+  return run, breakdown
 
 
-def bench_hf(cfg, batch, iters, rng):
+def hf_step(cfg, batch, rng, threads: int):
+  """A zero-argument callable running one HF PyTorch train step."""
   import torch
   import transformers
-  torch.set_num_threads(2)
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
   hc = transformers.RealmConfig(**hf_config_dict(cfg))
-  scorer, encoder = transformers.RealmScorer(hc), transformers.RealmKnowledgeAugEncoder(hc)
+  scorer, encoder = transformers.RealmScorer(hc).train(), transformers.RealmKnowledgeAugEncoder(hc).train()
   params = list(scorer.parameters()) + list(encoder.parameters())
   opt = torch.optim.AdamW(params, lr=1e-5)
   c, lq, lb = cfg.num_candidates, cfg.query_len, cfg.block_len
@@ -120,42 +133,58 @@ def bench_hf(cfg, batch, iters, rng):
   mlm_mask = torch.zeros(batch, lq + lb)
   mlm_mask[:, 5:8] = 1
 
-  def step():
+  def run():
     opt.zero_grad()
     scores = scorer(q, candidate_input_ids=cand).relevance_score
     out = encoder(joint, relevance_score=scores, labels=labels, mlm_mask=mlm_mask)
     out.loss.backward()
     opt.step()
+    return None
 
-  step()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  full = statistics.median(times)
-  return batch / full, full
+  return run
+
+
+def _fmt(times: list[float]) -> str:
+  return " ".join(f"{t * 1e3:.0f}" for t in times)
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--presets", nargs="+", default=["tiny", "minilm"])
-  ap.add_argument("--batch", type=int, default=2, help="queries per step (x 8 candidates)")
+  ap.add_argument("--batch", type=int, default=2, help="queries per step")
+  ap.add_argument("--candidates", type=int, default=8, help="candidates per query (null document included)")
   ap.add_argument("--blocks", type=int, default=4096, help="blocks in the device index")
-  ap.add_argument("--iters", type=int, default=5)
+  ap.add_argument("--iters", type=int, default=5, help="timed steps per side (alternating)")
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (compile)")
+  ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+  ap.add_argument("--breakdown", action="store_true", help="also time our step's parts")
   args = ap.parse_args()
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {args.batch} queries x 8 candidates, "
-        f"96 + 288 tokens; index {args.blocks} blocks; median of {args.iters}")
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {args.batch} queries x "
+        f"{args.candidates} candidates; index {args.blocks} blocks; {args.warmup} warm-up steps, then "
+        f"{args.iters} timed steps per side, alternating; torch threads {args.threads}")
   for preset in args.presets:
-    cfg = get_preset(preset)
+    cfg = get_preset(preset, num_candidates=args.candidates)
     rng = np.random.default_rng(0)
-    ours, t_ours, parts = bench_ours(cfg, args.batch, args.blocks, args.iters, rng)
-    hf, t_hf = bench_hf(cfg, args.batch, args.iters, rng)
-    print(f"\n{preset}: ours {ours:.2f} ex/s ({t_ours * 1e3:.0f} ms/step) | HF PyTorch {hf:.2f} ex/s "
-          f"({t_hf * 1e3:.0f} ms/step) | ratio ours/HF = {ours / hf:.2f}x")
-    total = sum(parts.values())
-    for name, t in parts.items():
-      print(f"  {name:16s} {t * 1e3:8.1f} ms  ({100 * t / total:4.1f}% of the parts)")
+    ours, breakdown = ours_step(cfg, args.batch, args.blocks, rng)
+    hf = hf_step(cfg, args.batch, rng, args.threads)
+    warm = {"ours": [_seconds(ours) for _ in range(args.warmup)], "hf": [_seconds(hf) for _ in range(args.warmup)]}
+    times = {"ours": [], "hf": []}
+    for _ in range(args.iters):
+      times["ours"].append(_seconds(ours))
+      times["hf"].append(_seconds(hf))
+    t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
+    print(f"\n{preset} ({cfg.query_len} + {cfg.block_len} tokens): ours {args.batch / t_ours:.3f} ex/s "
+          f"({t_ours * 1e3:.0f} ms/step) | HF PyTorch {args.batch / t_hf:.3f} ex/s ({t_hf * 1e3:.0f} ms/step) | "
+          f"ratio ours/HF = {t_hf / t_ours:.2f}x")
+    for side in ("ours", "hf"):
+      ts = times[side]
+      print(f"  {side:4s} warm-up ms: {_fmt(warm[side]):>16s} | timed ms: {_fmt(ts)} | slowest/fastest "
+            f"{max(ts) / min(ts):.2f}")
+    if args.breakdown:
+      parts = breakdown(args.iters)
+      total = sum(parts.values())
+      for name, t in parts.items():
+        print(f"  {name:16s} {t * 1e3:8.1f} ms  ({100 * t / total:4.1f}% of the parts)")
 
 
 if __name__ == "__main__":

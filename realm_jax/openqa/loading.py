@@ -68,6 +68,9 @@ def init_openqa_model(cfg: RealmConfig, init: str | None, seed: int, log: Callab
       parts.append("reader")
     log(f"initialised {', '.join(parts)} from checkpoint step {step} under {init}")
     return model
+  if not (root / weights.CONFIG_FILE).exists():
+    raise OpenQALoadError(f"{init}: no checkpoints/ (not a pre-training or fine-tuning root that has saved a "
+                          f"checkpoint) and no {weights.CONFIG_FILE} (not a realm-jax weights directory)")
   available = _weight_parts(init)
   wanted = [p for p in ("retriever", "reader") if p in available]
   if "retriever" not in wanted:
