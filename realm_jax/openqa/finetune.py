@@ -104,9 +104,11 @@ class Finetuner:
 
   def __init__(self, cfg: FinetuneConfig, storage_uri: str, *, resume: bool = False,
                log_fn: Callable[[str], None] | None = None, stop_after: int | None = None,
-               questions: list[QAExample] | None = None, index_version: str | None = None):
+               questions: list[QAExample] | None = None, index_version: str | None = None,
+               on_step: Callable[[int, int], None] | None = None):
     maybe_initialize_distributed()
     self.cfg, self.stop_after = cfg, stop_after
+    self.on_step = on_step  # (step, last step of this run) after every step: progress bars
     self.is_chief = jax.process_index() == 0
     self.log = log_fn or (lambda m: print(f"[realm-jax finetune] {m}", flush=True) if self.is_chief else None)
     self.storage = Storage.open(storage_uri)
@@ -189,6 +191,8 @@ class Finetuner:
         nnx.update((self.model, self.optimizer), new_state)
         self.step += 1
         since += 1
+        if self.on_step is not None:
+          self.on_step(self.step, end)
         if self.step % cfg.log_every == 0 or self.step == end:
           scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
           scalars["learning_rate"] = float(self.schedule(self.step))

@@ -131,9 +131,18 @@ def apply_overrides(cfg, overrides: list[str]):
 
 
 def load_experiment(spec: str, config_type: type, overrides: list[str] | None = None):
-  """`spec` is a path to a .py experiment or a name under `experiments/` (e.g. 'smoke'); its
-  `get_config()` must return a `config_type`, to which `overrides` are applied."""
+  """`spec` is a path to a .py experiment or a name under `experiments/` (e.g. 'smoke'), whose
+  `get_config()` must return a `config_type`, or a .json file of `config_type.to_dict()`;
+  `overrides` are applied to it."""
   path = pathlib.Path(spec)
+  if path.suffix == ".json":  # a config written by `save_config` (e.g. the demo's)
+    if not path.exists():
+      raise ConfigError(f"config file {spec!r} not found")
+    try:
+      cfg = config_type.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+      raise ConfigError(f"{path}: not a {config_type.__name__} JSON file: {e}") from e
+    return apply_overrides(cfg, overrides or [])
   if not path.suffix:
     path = pathlib.Path(__file__).resolve().parents[2] / "experiments" / f"{spec}.py"
   if not path.exists():
@@ -147,6 +156,12 @@ def load_experiment(spec: str, config_type: type, overrides: list[str] | None = 
   if not isinstance(cfg, config_type):
     raise ConfigError(f"{path}: get_config() must return a {config_type.__name__}, got {type(cfg).__name__}")
   return apply_overrides(cfg, overrides or [])
+
+
+def save_config(cfg, path: str | pathlib.Path) -> None:
+  """Writes a config as JSON, loadable by `load_experiment` (so a second process, e.g. the
+  refresher, runs with exactly the same config)."""
+  pathlib.Path(path).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
 
 
 def load_config(spec: str, overrides: list[str] | None = None) -> TrainConfig:

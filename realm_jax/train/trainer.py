@@ -309,9 +309,10 @@ class Trainer:
 
   def __init__(self, cfg: TrainConfig, storage_uri: str, *, resume: bool = False,
                log_fn: Callable[[str], None] | None = None, stop_after: int | None = None,
-               write_done: bool = True):
+               write_done: bool = True, on_step: Callable[[int, int], None] | None = None):
     maybe_initialize_distributed()
     self.cfg, self.resume, self.stop_after, self.write_done = cfg, resume, stop_after, write_done
+    self.on_step = on_step  # (step, last step of this run) after every step: progress bars
     self.is_chief = jax.process_index() == 0
     self.log = log_fn or (lambda msg: print(f"[realm-jax {cfg.task}] {msg}", flush=True) if self.is_chief else None)
     self.storage = Storage.open(storage_uri)
@@ -514,6 +515,8 @@ class Trainer:
         nnx.update((self.model, self.optimizer), new_state)
         self.step += 1
         steps_since += 1
+        if self.on_step is not None:
+          self.on_step(self.step, end)
         if self.step % cfg.log_every == 0 or self.step == end:
           scalars = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
           if self.active is not None:

@@ -1,0 +1,1 @@
+"""`realm-jax demo`: the whole REALM loop (corpus, refresher, pre-training, Open-QA) on one CPU."""

@@ -1,0 +1,75 @@
+"""The demo's two recipes: `full` (MiniLM towers, ~10 minutes on 2 cores) and `quick` (tiny
+random towers, a minute or two: checks the whole loop in CI, not the quality)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from realm_jax.config import RealmConfig, get_preset
+from realm_jax.openqa.config import FinetuneConfig
+from realm_jax.train.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """Sizes of every stage of the demo."""
+
+  name: str
+  model: RealmConfig
+  init: str | None  # "minilm" or None (random)
+  # Corpus: the lead of each article of the Wikipedia excerpt (the refresher re-embeds all of it).
+  article_chars: int
+  max_articles: int | None
+  block_len: int
+  # REALM pre-training.
+  realm_steps: int
+  realm_batch: int
+  realm_lr: float
+  checkpoint_every: int  # each checkpoint is a chance for the refresher to publish
+  # Open-QA.
+  test_fraction: float
+  finetune_steps: int
+  finetune_batch: int
+  finetune_lr: float
+  min_questions: int  # fewer answerable questions than this is an error (the excerpt changed?)
+
+  def pretrain_config(self) -> TrainConfig:
+    return TrainConfig(
+        model=self.model, task="realm", init=self.init, batch_size=self.realm_batch,
+        learning_rate=self.realm_lr, num_train_steps=self.realm_steps,
+        warmup_steps=max(1, self.realm_steps // 10), checkpoint_every=self.checkpoint_every,
+        keep_checkpoints=1000, keep_index_versions=1000, log_every=1, index_refresh="async",
+        index_poll_seconds=0.5, async_checkpointing=False)
+
+  def finetune_config(self, init: str) -> FinetuneConfig:
+    return FinetuneConfig(
+        model=self.model, init=init, train_questions="",
+        retriever_beam_size=max(64, self.model.reader_beam_size), batch_size=self.finetune_batch,
+        learning_rate=self.finetune_lr, num_train_steps=self.finetune_steps,
+        warmup_steps=max(1, self.finetune_steps // 10), checkpoint_every=self.finetune_steps,
+        log_every=1, async_checkpointing=False)
+
+
+def full() -> Recipe:
+  return Recipe(
+      name="full",
+      model=get_preset("minilm", query_len=64, block_len=128, reader_len=160, num_candidates=5,
+                       reader_beam_size=5),
+      init="minilm", article_chars=8000, max_articles=None, block_len=128,
+      realm_steps=40, realm_batch=8, realm_lr=5e-5, checkpoint_every=10,
+      test_fraction=0.5, finetune_steps=30, finetune_batch=8, finetune_lr=5e-5,
+      min_questions=20)
+
+
+def quick() -> Recipe:
+  return Recipe(
+      name="quick",
+      model=get_preset("tiny", query_len=32, block_len=64, reader_len=96, num_candidates=4,
+                       reader_beam_size=3),
+      init=None, article_chars=1500, max_articles=40, block_len=64,
+      realm_steps=12, realm_batch=8, realm_lr=1e-3, checkpoint_every=3,
+      test_fraction=0.5, finetune_steps=4, finetune_batch=8, finetune_lr=1e-3,
+      min_questions=4)
+
+
+RECIPES = {"full": full, "quick": quick}
