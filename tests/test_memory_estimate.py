@@ -4,8 +4,9 @@ The oracle is `compiled.memory_analysis()` of `Trainer._train_step` (the real st
 real Trainer) on 1 and 8 emulated CPU devices: argument bytes (state + corpus tables + index +
 batch, per device) and temporary bytes (activations, gradients, search tiles, per device).
 
-Tolerances: arguments are exact byte counts in the estimate (parameters, AdamW moments, row
-shards), off only by scalar counters and RNG keys, so 1%. Temporaries depend on XLA's fusion and
+Tolerances: arguments are exact byte counts in the estimate (parameters, AdamW moments, index and
+block-token row shards, batch), off only by scalar step counters, RNG keys and small batch fields,
+so 4 KiB (missing one block-token table, 415 KB here, fails it). Temporaries depend on XLA's fusion and
 buffer-liveness decisions, which the estimate models as per-layer residual tensors; 25% is the
 margin the docs quote for the estimate (the measured ratios are 0.93-1.05, benchmarks/README.md).
 """
@@ -22,7 +23,7 @@ from realm_jax.errors import ConfigError  # noqa: E402
 from realm_jax.train import memory  # noqa: E402
 from realm_jax.train.config import TrainConfig, load_config  # noqa: E402
 
-ARG_TOL, TEMP_TOL = 0.01, 0.25
+ARG_TOL_BYTES, TEMP_TOL = 4096, 0.25
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_estimate_matches_compiled_step(corpus_root, preset, devices, batch):
   r = bench.run_child(preset, devices, batch, corpus_root)
   assert r["devices"] == devices and r["num_blocks"] > 100
   est, got = r["estimate"], r["measured"]
-  assert est["arguments"] == pytest.approx(got["arguments"], rel=ARG_TOL), (est, got)
+  assert abs(est["arguments"] - got["arguments"]) <= ARG_TOL_BYTES, (est, got)
   assert est["temporaries"] == pytest.approx(got["temporaries"], rel=TEMP_TOL), (est, got)
   # The step donates its state: the updated state is aliased onto the inputs, no second copy.
   assert got["aliased"] >= est["params"] + est["optimizer"] - 1024
@@ -56,6 +57,10 @@ def test_parts_scale_with_mesh_and_corpus():
   assert memory.estimate(cfg, 16, 13_353_718, remat=True).activations < one.activations / 4
   accum = memory.estimate(cfg.replace(grad_accum_steps=8), 16, 13_353_718)
   assert accum.optimizer == 3 * accum.params and accum.per_device_batch == 4
+  hbm = 32 * 2**30
+  b = memory.max_per_device_batch(cfg, 16, 13_353_718, hbm)
+  fits = lambda n: memory.estimate(cfg.replace(batch_size=16 * n), 16, 13_353_718).total <= 0.9 * hbm
+  assert b >= 1 and fits(b) and not fits(b + 1)
 
 
 def test_parameter_count_matches_the_model():

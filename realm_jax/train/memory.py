@@ -16,14 +16,12 @@ What one device holds during a REALM / ICT train step (`trainer.Trainer._compile
 * search temporaries: one tile of scores `[global micro-batch, chunk_rows]` and the per-group
   maxima of the exact filter.
 
-The transformer activation count follows what autodiff keeps per layer and token (Korthikanti
-et al. 2022, "Reducing Activation Recomputation"): 16 hidden-sized tensors (layer input, q, k, v,
-context, attention out, two LayerNorm inputs/outputs, ...) plus the GELU input and output
-(2 x intermediate) in the compute dtype, float32 LayerNorm statistics, one byte per element of
-each dropout mask, and per head `L x L` attention scores / probabilities (see
-`bert_activation_bytes`). `remat=True` gives what per-layer rematerialisation (`nnx.remat` around each
-BertLayer) would keep instead: each layer's input plus one layer's full activations. Our model
-code does not rematerialise today, so `remat=False` is the estimate of the current trainer.
+The transformer activation count follows what autodiff keeps per layer and token (as in
+Korthikanti et al. 2022, "Reducing Activation Recomputation", adapted to our layers: see
+`bert_activation_bytes`). `remat=True` gives what per-layer rematerialisation (`nnx.remat` around
+each BertLayer) would keep instead: each layer's input, plus one layer's full activations for the
+largest tower pass while it is recomputed. Our model code does not rematerialise today, so
+`remat=False` is the estimate of the current trainer.
 """
 
 from __future__ import annotations
@@ -55,6 +53,18 @@ def realm_params(cfg: RealmConfig) -> int:
   return towers + encoder
 
 
+def _per_sequence(b: BertConfig, seq_len: int, dropout: bool) -> tuple[int, int]:
+  """(one layer's, the embeddings') bytes kept for backward for one `seq_len`-token sequence."""
+  s = _DTYPE_BYTES[b.dtype]
+  h, i, a, l = b.hidden_size, b.intermediate_size, b.num_heads, seq_len
+  drop = 1 if dropout and b.dropout_rate > 0 else 0
+  gelu = 6 if b.hidden_act == "gelu_new" else 4 if b.hidden_act == "gelu" else 2
+  per_token = (5 * h + gelu * i) * s + 6 * h * 4 + 2 * drop * h
+  attention = a * l * (3 * 4 + s + drop)
+  embeddings = l * (3 * h * 4 + h * (s + drop))  # LayerNorm (float32), dropout output and mask
+  return l * (per_token + attention), embeddings
+
+
 def bert_activation_bytes(b: BertConfig, seq_len: int, remat: bool = False, dropout: bool = True) -> int:
   """Bytes autodiff keeps for the backward pass of one `seq_len`-token sequence through BertEncoder.
 
@@ -65,18 +75,17 @@ def bert_activation_bytes(b: BertConfig, seq_len: int, remat: bool = False, drop
   the dropped probabilities in the compute dtype and three float32 tensors (scores, exponentials,
   probabilities): autodiff names only the exponentials, but XLA's buffer assignment (CPU, measured
   by tests/test_memory_estimate.py) keeps about two more attention-sized float32 buffers per layer.
+  With `remat`, only each layer's input is kept (add `bert_layer_bytes` for the layer recomputed).
   """
-  s = _DTYPE_BYTES[b.dtype]
-  h, i, a, l = b.hidden_size, b.intermediate_size, b.num_heads, seq_len
-  drop = 1 if dropout and b.dropout_rate > 0 else 0
-  gelu = 6 if b.hidden_act == "gelu_new" else 4 if b.hidden_act == "gelu" else 2
-  per_token = (5 * h + gelu * i) * s + 6 * h * 4 + 2 * drop * h
-  attention = a * l * (3 * 4 + s + drop)
-  layer = l * (per_token + attention)
-  embeddings = l * (3 * h * 4 + h * (s + drop))  # LayerNorm (float32), dropout output and mask
-  if remat:  # each layer's input is kept; one layer is recomputed in full during backward
-    return embeddings + b.num_layers * l * h * s + layer
+  layer, embeddings = _per_sequence(b, seq_len, dropout)
+  if remat:
+    return embeddings + b.num_layers * seq_len * b.hidden_size * _DTYPE_BYTES[b.dtype]
   return embeddings + b.num_layers * layer
+
+
+def bert_layer_bytes(b: BertConfig, seq_len: int, dropout: bool = True) -> int:
+  """One BertLayer's activations for one sequence (what remat recomputes and holds at a time)."""
+  return _per_sequence(b, seq_len, dropout)[0]
 
 
 def mlm_logits_bytes(cfg: RealmConfig, positions: int, copies: int = 3) -> int:
@@ -166,11 +175,15 @@ def estimate(cfg, num_devices: int, num_blocks: int, *, index_dtype: str = "floa
                    + c * bert_activation_bytes(m.bert, m.block_len, remat)
                    + c * bert_activation_bytes(m.bert, m.query_len + m.block_len, remat)
                    + mlm_logits_bytes(m, cfg.max_masks))
+    if remat:  # the largest single pass recomputed at a time: one layer of the encoder's candidates
+      per_example += c * max(bert_layer_bytes(m.bert, m.query_len + m.block_len), bert_layer_bytes(m.bert, m.block_len))
     batch_bytes = b * (4 * m.query_len * 3 + 4 * cfg.max_masks * 3 + 4 * 2)
     chunk = chunk_rows or (65536 if accelerator else 4096)
     search = micro * (min(chunk, rows) + math.ceil(rows / group_size)) * 4 + 2 * micro * (c - 1) * m.block_len * 4
   else:  # ICT: query and block towers, in-batch [B_global] scores
     per_example = bert_activation_bytes(m.bert, m.query_len, remat) + bert_activation_bytes(m.bert, m.block_len, remat)
+    if remat:
+      per_example += bert_layer_bytes(m.bert, m.block_len)
     per_example += 3 * micro * 4
     batch_bytes = b * 4 * 3 * (m.query_len + m.block_len)
     search = 0
