@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-STAGES = ("sources", "corpus", "questions", "pretrain", "openqa_index", "recall", "finetune")
+STAGES = ("sources", "corpus", "questions", "ict", "pretrain", "openqa_index", "recall", "finetune")
 
 
 def _demo(workdir: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:

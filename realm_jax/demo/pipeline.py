@@ -85,6 +85,8 @@ class Demo:
     results["sources"] = self.stage("sources", self.fetch_sources)
     results["corpus"] = self.stage("corpus", self.build_corpus)
     results["questions"] = self.stage("questions", self.pick_questions)
+    if self.recipe.ict_steps:
+      results["ict"] = self.stage("ict", self.ict)
     results["pretrain"] = self.stage("pretrain", self.pretrain)
     results["openqa_index"] = self.stage("openqa_index", self.openqa_index)
     results["recall"] = self.stage("recall", self.recall_curve)
@@ -141,11 +143,57 @@ class Demo:
                    for d in map(json.loads, f))
     return out
 
+  @property
+  def ict_root(self) -> str:
+    return str(self.workdir / "ict")
+
+  @property
+  def ict_weights(self) -> str:
+    return str(self.workdir / "ict-weights")
+
+  def ict(self) -> dict:
+    """ICT warm start of the retriever (ORQA; REALM starts pre-training from it), with the recall
+    of the initial retriever measured first."""
+    from realm_jax import weights
+    from realm_jax.train.trainer import Trainer
+
+    cfg = self.recipe.ict_config()
+    ict_storage = Storage.open(self.ict_root)
+    if not ict_storage.exists("corpus/manifest.json"):
+      shutil.copytree(Storage.open(self.pretrain_root).local_path("corpus"), ict_storage.local_path("corpus"),
+                      dirs_exist_ok=True)
+    bar = self.ui.steps("ICT warm start", cfg.num_train_steps)
+    trainer = Trainer(cfg, self.ict_root, resume=True, log_fn=self.ui.log, on_step=bar.update)
+    recall_init = None
+    if trainer.step == 0:
+      reader, blocks = self._blocks()
+      probe = RecallProbe(blocks, self.questions(), reader.tokenizer(), cfg.model.block_len, cfg.model.query_len,
+                          ks=(1, RECALL_K, 20))
+      recall_init = {f"recall@{k}": v for k, v in probe(trainer.model.retriever).items()}
+      (self.state_dir / "recall-init.json").write_text(json.dumps(recall_init) + "\n")
+    else:
+      recall_init = json.loads((self.state_dir / "recall-init.json").read_text())
+    bar.update(trainer.step, cfg.num_train_steps)
+    try:
+      result = trainer.run()
+    finally:
+      bar.close()
+    shutil.rmtree(self.ict_weights, ignore_errors=True)
+    weights.save_weights(self.ict_weights, trainer.model, cfg.model,
+                         metadata={"source": f"ICT warm start, step {result.step}"})
+    rows = self._metrics("ict", self.ict_root)
+    return {"steps": result.step, "recall_init": recall_init,
+            "ict_accuracy_last": float(np.mean([r["ict_accuracy"] for r in rows[-5:]])) if rows else None}
+
+  def pretrain_config(self):
+    """REALM pre-training's config: starts from the ICT warm start when the recipe has one."""
+    return self.recipe.pretrain_config(init=self.ict_weights if self.recipe.ict_steps else None)
+
   def pretrain(self) -> dict:
     from realm_jax.train.config import save_config
     from realm_jax.train.trainer import Trainer
 
-    cfg = self.recipe.pretrain_config()
+    cfg = self.pretrain_config()
     config_file = self.workdir / "pretrain-config.json"
     save_config(cfg, config_file)
     log_file = self.workdir / "refresher.log"
@@ -192,7 +240,7 @@ class Demo:
     from realm_jax.train.checkpoints import Checkpoints
     from realm_jax.train.trainer import init_model
 
-    cfg = self.recipe.pretrain_config()
+    cfg = self.pretrain_config()
     qa_storage = Storage.open(self.openqa_root)
     src = Storage.open(self.pretrain_root).local_path("corpus")
     shutil.rmtree(qa_storage.local_path("corpus"), ignore_errors=True)
@@ -216,7 +264,7 @@ class Demo:
     from realm_jax.train.checkpoints import Checkpoints
     from realm_jax.train.trainer import init_model
 
-    cfg = self.recipe.pretrain_config()
+    cfg = self.pretrain_config()
     reader, blocks = self._blocks()
     examples = self.questions()
     probe = RecallProbe(blocks, examples, reader.tokenizer(), cfg.model.block_len, cfg.model.query_len,

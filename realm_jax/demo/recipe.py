@@ -21,6 +21,10 @@ class Recipe:
   article_chars: int
   max_articles: int | None
   block_len: int
+  # ICT warm start of the retriever (0: none).
+  ict_steps: int
+  ict_batch: int
+  ict_lr: float
   # REALM pre-training.
   realm_steps: int
   realm_batch: int
@@ -33,9 +37,16 @@ class Recipe:
   finetune_lr: float
   min_questions: int  # fewer answerable questions than this is an error (the excerpt changed?)
 
-  def pretrain_config(self) -> TrainConfig:
+  def ict_config(self) -> TrainConfig:
     return TrainConfig(
-        model=self.model, task="realm", init=self.init, batch_size=self.realm_batch,
+        model=self.model, task="ict", init=self.init, batch_size=self.ict_batch, learning_rate=self.ict_lr,
+        num_train_steps=self.ict_steps, warmup_steps=max(1, self.ict_steps // 10),
+        checkpoint_every=self.ict_steps, log_every=1, index_refresh="none", async_checkpointing=False)
+
+  def pretrain_config(self, init: str | None = None) -> TrainConfig:
+    """REALM pre-training, from `init` (the ICT weights) or the recipe's own init."""
+    return TrainConfig(
+        model=self.model, task="realm", init=init or self.init, batch_size=self.realm_batch,
         learning_rate=self.realm_lr, num_train_steps=self.realm_steps,
         warmup_steps=max(1, self.realm_steps // 10), checkpoint_every=self.checkpoint_every,
         keep_checkpoints=1000, keep_index_versions=1000, log_every=1, index_refresh="async",
@@ -56,6 +67,7 @@ def full() -> Recipe:
       model=get_preset("minilm", query_len=64, block_len=128, reader_len=160, num_candidates=5,
                        reader_beam_size=5),
       init="minilm", article_chars=8000, max_articles=None, block_len=128,
+      ict_steps=30, ict_batch=16, ict_lr=5e-5,
       realm_steps=40, realm_batch=8, realm_lr=5e-5, checkpoint_every=10,
       test_fraction=0.5, finetune_steps=30, finetune_batch=8, finetune_lr=5e-5,
       min_questions=20)
@@ -67,6 +79,7 @@ def quick() -> Recipe:
       model=get_preset("tiny", query_len=32, block_len=64, reader_len=96, num_candidates=4,
                        reader_beam_size=3),
       init=None, article_chars=1500, max_articles=40, block_len=64,
+      ict_steps=4, ict_batch=16, ict_lr=1e-3,
       realm_steps=12, realm_batch=8, realm_lr=1e-3, checkpoint_every=3,
       test_fraction=0.5, finetune_steps=4, finetune_batch=8, finetune_lr=1e-3,
       min_questions=4)

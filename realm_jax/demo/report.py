@@ -21,7 +21,9 @@ def summarize(results: dict, metrics: list[dict], total_seconds: float) -> dict:
   """The numbers of the table, from the stage results and the trainer's metrics rows."""
   points = results["recall"]["points"]
   trained = [p for p in points if not p["final"]]
-  before = min(trained, key=lambda p: p["step"]) if trained else None
+  start = min(trained, key=lambda p: p["step"]) if trained else None  # REALM's first index
+  ict = results.get("ict")
+  before = ict["recall_init"] if ict else start
   after = next((p for p in points if p["final"]), None)
   refreshes = [p for p in trained if p["step"] > 0]
   test = results["finetune"]["test"]
@@ -36,7 +38,9 @@ def summarize(results: dict, metrics: list[dict], total_seconds: float) -> dict:
       "mlm_accuracy_first": _mean(metrics, "mlm_accuracy", slice(0, 5)),
       "mlm_accuracy_last": _mean(metrics, "mlm_accuracy", slice(-5, None)),
       "retrieval_utility_last": _mean(metrics, "retrieval_utility", slice(-10, None)),
+      "ict_steps": ict["steps"] if ict else 0,
       "recall_before": before[f"recall@{RECALL_K}"] if before else None,
+      "recall_after_ict": start[f"recall@{RECALL_K}"] if ict and start else None,
       "recall_after": after[f"recall@{RECALL_K}"] if after else None,
       "exact_match": test["exact_match"], "recall_finetuned": test.get(f"recall@{RECALL_K}"),
       "seconds": total_seconds,
@@ -60,14 +64,15 @@ def table(s: dict) -> Table:
       ("salient spans", _fmt(s["salient_spans"])),
       ("Open-QA questions answerable (train / held-out)",
        f"{s['questions']} ({s['train_questions']} / {s['test_questions']})"),
-      ("REALM pre-training steps", _fmt(s["steps"])),
+      ("ICT warm-start steps / REALM pre-training steps", f"{s['ict_steps']} / {s['steps']}"),
       ("index refreshes published / swapped in", f"{s['refreshes']} / {s['swaps']}"),
       ("mean index staleness (steps)", _fmt(s["mean_staleness"])),
       ("MLM accuracy (first 5 -> last 5 steps)",
        f"{_fmt(s['mlm_accuracy_first'], True)} -> {_fmt(s['mlm_accuracy_last'], True)}"),
       ("retrieval utility vs null doc (last 10 steps)", _fmt(s["retrieval_utility_last"])),
       (f"recall@{RECALL_K} before pre-training", _fmt(s["recall_before"], True)),
-      (f"recall@{RECALL_K} after pre-training", _fmt(s["recall_after"], True)),
+      (f"recall@{RECALL_K} after the ICT warm start", _fmt(s["recall_after_ict"], True)),
+      (f"recall@{RECALL_K} after pre-training (ICT + REALM)", _fmt(s["recall_after"], True)),
       ("Open-QA exact match (held-out)", _fmt(s["exact_match"], True)),
       (f"Open-QA recall@{RECALL_K} (held-out, fine-tuned)", _fmt(s["recall_finetuned"], True)),
       ("wall time", f"{s['seconds'] / 60:.1f} min"),
@@ -113,12 +118,18 @@ def plot(metrics: list[dict], results: dict, path: pathlib.Path) -> None:
   points = results["recall"]["points"]
   trained = sorted((p for p in points if not p["final"]), key=lambda p: p["step"])
   ax = axes[1, 1]
+  ict = results.get("ict")
   for k, color in ((1, "tab:blue"), (RECALL_K, "tab:green"), (20, "tab:purple")):
     key = f"recall@{k}"
-    ax.plot([p["step"] for p in trained], [p[key] for p in trained], "o-", color=color, label=key)
+    xs, ys = [p["step"] for p in trained], [p[key] for p in trained]
+    if ict:  # the initial retriever, before the ICT warm start (steps counted back from REALM's 0)
+      xs, ys = [-ict["steps"]] + xs, [ict["recall_init"][key]] + ys
+    ax.plot(xs, ys, "o-", color=color, label=key)
     final = [p for p in points if p["final"]]
     if final:
       ax.plot([final[0]["step"]], [final[0][key]], "*", ms=12, color=color)
+  if ict:
+    ax.axvspan(-ict["steps"], 0, color="tab:gray", alpha=0.15, label="ICT warm start")
   ax.set_ylim(0, 1)
   ax.set_title("Open-QA retrieval recall of each index (star: final)")
   ax.set_xlabel("checkpoint step of the document tower")

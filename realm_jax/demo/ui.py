@@ -12,6 +12,7 @@ TITLES = {
     "sources": "Real inputs from the package registry (cached)",
     "corpus": "Blocks with salient spans from the Wikipedia excerpt",
     "questions": "Open-QA questions answerable from the excerpt",
+    "ict": "ICT warm start of the retriever (the initial recall measured first)",
     "pretrain": "REALM pre-training, with the index refresher as a second process",
     "openqa_index": "Index of the pre-trained document tower (frozen for Open-QA)",
     "recall": "Retrieval recall of every index",
