@@ -73,8 +73,12 @@ def ours_step(cfg, batch, num_blocks, rng):
   model = RealmModel(cfg, rngs=nnx.Rngs(0))
   model.train()
   opt = nnx.Optimizer(model, bert_adamw(1e-5), wrt=nnx.Param)
-  b = {k: jnp.asarray(v) for k, v in b.items()}
+  # On the mesh from the start, as the trainer's place_state does: the state the step returns is
+  # on the mesh, and an unmeshed first state would make the second call compile again.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  b = jax.device_put({k: jnp.asarray(v) for k, v in b.items()}, replicated)
   graphdef, state = nnx.split((model, opt))
+  state = jax.device_put(state, replicated)
 
   @jax.jit
   def step(state, b):
