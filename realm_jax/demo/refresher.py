@@ -59,9 +59,7 @@ class RefresherProcess:
   def __exit__(self, exc_type, exc, tb) -> None:
     try:
       if exc_type is None:
-        if self.wait_done(120) is None:
-          self.stop()
-      else:
-        self.stop()
+        self.wait_done(120)  # a Ctrl-C here still reaches the `finally`
     finally:
+      self.stop()  # nothing to do when it has exited by itself
       self._log.close()

@@ -130,10 +130,12 @@ def plot(metrics: list[dict], results: dict, path: pathlib.Path) -> None:
       ax.plot([final[0]["step"]], [final[0][key]], "*", ms=12, color=color)
   if ict:
     ax.axvspan(-ict["steps"], 0, color="tab:gray", alpha=0.15, label="ICT warm start")
-  ax.set_ylim(0, 1)
+  top = max([p[f"recall@{k}"] for p in points for k in (1, RECALL_K, 20)] +
+            ([v for v in ict["recall_init"].values()] if ict else []) + [0.05])
+  ax.set_ylim(0, min(1.0, 1.25 * top))
   ax.set_title("Open-QA retrieval recall of each index (star: final)")
   ax.set_xlabel("checkpoint step of the document tower")
-  ax.legend(loc="lower right")
+  ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)

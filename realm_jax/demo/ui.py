@@ -63,7 +63,9 @@ class ConsoleUI:
   def log(self, message: str) -> None:
     if message is None:
       return
-    important = any(w in message for w in ("index", "resum", "refresher", "initialised", "published", "swapp"))
+    progress = message.startswith("step ")  # the trainer's per-step line: the bar shows it
+    important = not progress and any(w in message for w in ("index", "resum", "refresher", "initialised",
+                                                            "published", "swapp"))
     if self.verbose or important:
       (self._bar.progress.console if self._bar else self.console).print(f"  [dim]{message}[/dim]")
 
