@@ -16,8 +16,11 @@ STAGES = ("sources", "corpus", "questions", "ict", "pretrain", "openqa_index", "
 
 def _demo(workdir: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "COLUMNS": "120"}  # a laptop: one CPU device
+  # As from a terminal: pytest-xdist workers ignore SIGINT and children inherit that (Python then
+  # installs no KeyboardInterrupt handler), so restore the default before exec.
   return subprocess.Popen([sys.executable, "-m", "realm_jax.cli.main", "demo", "--quick", "--workdir", str(workdir)],
-                          stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+                          stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _alive(pid: int) -> bool:
