@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                      "checkpoint is kept; run the same command again to resume.")
     return 130
 
-  metrics = demo._metrics("realm")
+  metrics = demo.metrics_rows("realm")
   total = sum(r.get("seconds", 0.0) for r in results.values())
   summary = report.summarize(results, metrics, total)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -181,7 +181,7 @@ class Demo:
     shutil.rmtree(self.ict_weights, ignore_errors=True)
     weights.save_weights(self.ict_weights, trainer.model, cfg.model,
                          metadata={"source": f"ICT warm start, step {result.step}"})
-    rows = self._metrics("ict", self.ict_root)
+    rows = self.metrics_rows("ict", self.ict_root)
     return {"steps": result.step, "recall_init": recall_init,
             "ict_accuracy_last": float(np.mean([r["ict_accuracy"] for r in rows[-5:]])) if rows else None}
 
@@ -211,11 +211,11 @@ class Demo:
       code = refresher.wait_done(120)
     if code not in (0, None):
       raise DemoError(f"the refresher exited with status {code}; see {log_file}")
-    rows = self._metrics("realm")
+    rows = self.metrics_rows("realm")
     return {"steps": result.step, "index_versions_used": sorted(set(r.get("index_version", "") for r in rows) - {""}),
             "swaps": self._swaps(rows)}
 
-  def _metrics(self, name: str, root: str | None = None) -> list[dict]:
+  def metrics_rows(self, name: str, root: str | None = None) -> list[dict]:
     storage = Storage.open(root or self.pretrain_root)
     path = f"metrics/{name}.jsonl"
     if not storage.exists(path):
