@@ -11,6 +11,14 @@ import time
 from realm_jax.storage import Storage
 
 
+def read_metrics(storage: Storage, name: str) -> list[dict]:
+  """The rows of `metrics/<name>.jsonl` on a storage root ([] when there is none yet)."""
+  path = f"metrics/{name}.jsonl"
+  if not storage.exists(path):
+    return []
+  return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line]
+
+
 class MetricsWriter:
   """Scalars to TensorBoard (tensorboardX) and `metrics/<name>.jsonl` on the storage root."""
 
@@ -21,9 +29,7 @@ class MetricsWriter:
     self._tb_dir = None
     if not enabled:
       return
-    path = f"metrics/{name}.jsonl"
-    if storage.exists(path):  # a resumed run appends to its earlier log
-      self.rows = [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line]
+    self.rows = read_metrics(storage, name)  # a resumed run appends to its earlier log
     from tensorboardX import SummaryWriter
     if storage.kind == "local":
       self._tb_dir = str(storage.local_path(f"metrics/tb-{name}"))
