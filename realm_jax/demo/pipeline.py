@@ -24,6 +24,7 @@ from realm_jax.demo.recipe import Recipe
 from realm_jax.demo.refresher import RefresherProcess
 from realm_jax.errors import RealmError
 from realm_jax.storage import Storage
+from realm_jax.train.metrics import read_metrics
 
 RECALL_K = 5
 
@@ -158,10 +159,7 @@ class Demo:
     from realm_jax.train.trainer import Trainer
 
     cfg = self.recipe.ict_config()
-    ict_storage = Storage.open(self.ict_root)
-    if not ict_storage.exists("corpus/manifest.json"):
-      shutil.copytree(Storage.open(self.pretrain_root).local_path("corpus"), ict_storage.local_path("corpus"),
-                      dirs_exist_ok=True)
+    self._copy_corpus(self.ict_root)
     bar = self.ui.steps("ICT warm start", cfg.num_train_steps)
     trainer = Trainer(cfg, self.ict_root, resume=True, log_fn=self.ui.log, on_step=bar.update)
     recall_init = None
@@ -211,16 +209,19 @@ class Demo:
       code = refresher.wait_done(120)
     if code not in (0, None):
       raise DemoError(f"the refresher exited with status {code}; see {log_file}")
-    rows = self.metrics_rows("realm")
-    return {"steps": result.step, "index_versions_used": sorted(set(r.get("index_version", "") for r in rows) - {""}),
-            "swaps": self._swaps(rows)}
+    return {"steps": result.step, "swaps": self._swaps(self.metrics_rows("realm"))}
 
   def metrics_rows(self, name: str, root: str | None = None) -> list[dict]:
-    storage = Storage.open(root or self.pretrain_root)
-    path = f"metrics/{name}.jsonl"
-    if not storage.exists(path):
-      return []
-    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line]
+    return read_metrics(Storage.open(root or self.pretrain_root), name)
+
+  def _copy_corpus(self, root: str, replace: bool = False) -> None:
+    """The demo's corpus under another (local) storage root: every role reads `<root>/corpus`."""
+    dest = Storage.open(root).local_path("corpus")
+    if replace:
+      shutil.rmtree(dest, ignore_errors=True)
+    elif (dest / "manifest.json").exists():
+      return
+    shutil.copytree(Storage.open(self.pretrain_root).local_path("corpus"), dest, dirs_exist_ok=True)
 
   @staticmethod
   def _swaps(rows: list[dict]) -> list[int]:
@@ -242,9 +243,7 @@ class Demo:
 
     cfg = self.pretrain_config()
     qa_storage = Storage.open(self.openqa_root)
-    src = Storage.open(self.pretrain_root).local_path("corpus")
-    shutil.rmtree(qa_storage.local_path("corpus"), ignore_errors=True)
-    shutil.copytree(src, qa_storage.local_path("corpus"))
+    self._copy_corpus(self.openqa_root, replace=True)
     ckpt = Checkpoints(Storage.open(self.pretrain_root).uri("checkpoints"), read_only=True)
     step = ckpt.latest_step()
     model = init_model(cfg, lambda _: None)
@@ -273,13 +272,16 @@ class Demo:
     todo = [(self.pretrain_root, v) for v in publish.list_versions(Storage.open(self.pretrain_root), index_lib.PREFIX)]
     todo += [(self.openqa_root, v) for v in publish.list_versions(Storage.open(self.openqa_root), index_lib.PREFIX)]
     points = []
+    initial = init_model(cfg, lambda _: None)  # step 0; later steps are restored into `trained`
+    trained = init_model(cfg, lambda _: None)
     bar = self.ui.steps("recall@5 of each index", len(todo))
     for i, (root, version) in enumerate(todo):
       storage = Storage.open(root)
       loaded = index_lib.load_index(storage, version, corpus=CorpusReader(storage))
-      model = init_model(cfg, lambda _: None)
+      model = initial
       if loaded.info.step:
-        ckpt.restore_part(loaded.info.step, model, "retriever")
+        ckpt.restore_part(loaded.info.step, trained, "retriever")
+        model = trained
       recall = probe.recall(probe.embed_queries(model.retriever), np.asarray(loaded.embeddings, np.float32))
       points.append({"version": version, "step": loaded.info.step, "final": root == self.openqa_root,
                      **{f"recall@{k}": v for k, v in recall.items()}})

@@ -16,6 +16,7 @@ from realm_jax.data.blocks import Block
 from realm_jax.data.qa import QAExample
 from realm_jax.demo.questions import AnswerMatcher
 from realm_jax.openqa import features as qa_features
+from realm_jax.openqa.evaluate import recall_at
 from realm_jax.retrieval.embed import make_embed_fn
 
 
@@ -32,10 +33,6 @@ def first_hit_ranks(question_emb: np.ndarray, block_emb: np.ndarray, examples: S
   return ranks
 
 
-def recall_at(ranks: Sequence[int | None], k: int) -> float:
-  return float(np.mean([r is not None and r <= k for r in ranks])) if ranks else 0.0
-
-
 class RecallProbe:
   """Embeds the corpus and the questions with a retriever and scores recall@k."""
 
@@ -46,14 +43,20 @@ class RecallProbe:
     self.doc_inputs = features.blocks_doc_inputs(blocks, block_len, tok)
     q = qa_features.encode_questions(self.examples, tok, query_len, with_answers=False)
     self.query_inputs = {k: q[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    self._embed_fns = {}  # one compiled EmbedFn per tower (it reads the tower's current weights)
+
+  def _embed(self, embedder: nnx.Module, inputs) -> np.ndarray:
+    fn = self._embed_fns.get(id(embedder))  # the EmbedFn keeps the tower alive, so ids stay unique
+    if fn is None:
+      fn = self._embed_fns[id(embedder)] = make_embed_fn(embedder, batch_size=128)
+    return fn(inputs)
 
   def embed_queries(self, retriever: nnx.Module) -> np.ndarray:
-    return make_embed_fn(retriever.query_embedder, batch_size=128)(self.query_inputs)
+    return self._embed(retriever.query_embedder, self.query_inputs)
 
   def embed(self, retriever: nnx.Module) -> tuple[np.ndarray, np.ndarray]:
     """(question embeddings, block embeddings) with the retriever's current weights."""
-    docs = make_embed_fn(retriever.doc_embedder, batch_size=128)(self.doc_inputs)
-    return self.embed_queries(retriever), docs
+    return self.embed_queries(retriever), self._embed(retriever.doc_embedder, self.doc_inputs)
 
   def recall(self, question_emb: np.ndarray, block_emb: np.ndarray) -> dict[int, float]:
     ranks = first_hit_ranks(question_emb, block_emb, self.examples, self.matcher, max(self.ks))
