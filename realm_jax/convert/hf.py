@@ -263,12 +263,17 @@ def init_from_bert(model: nnx.Module, state_dict: Mapping[str, Any], source: str
 _LAYER_KEY = re.compile(r"^(?:bert\.)?encoder\.layer\.(\d+)\.")
 
 
+def num_layers_of(state_dict: Mapping[str, Any]) -> int:
+  """How many encoder layers a HF BERT state dict holds."""
+  return len({int(m.group(1)) for k in state_dict if (m := _LAYER_KEY.match(k))})
+
+
 def first_layers(state_dict: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
   """The state dict of a BERT cut to its first `num_layers` layers (a cheap, still pre-trained
   model: the lower layers of a BERT are a BERT). Refuses to add layers that are not there."""
-  have = {int(m.group(1)) for k in state_dict if (m := _LAYER_KEY.match(k))}
-  if num_layers > len(have):
-    raise ConversionError(f"asked for {num_layers} layers but the weights have {len(have)}")
+  have = num_layers_of(state_dict)
+  if num_layers > have:
+    raise ConversionError(f"asked for {num_layers} layers but the weights have {have}")
   return {k: v for k, v in state_dict.items() if not ((m := _LAYER_KEY.match(k)) and int(m.group(1)) >= num_layers)}
 
 
@@ -277,7 +282,7 @@ def init_from_minilm(model: nnx.Module, num_layers: int | None = None) -> str:
   when the model is shallower); returns a log line saying what was loaded."""
   from realm_jax.data import sources  # data -> convert would be circular at import time
   sd = read_state_dict(sources.minilm_dir())
-  have = len({int(m.group(1)) for k in sd if (m := _LAYER_KEY.match(k))})
+  have = num_layers_of(sd)
   source = "MiniLM-L6"
   if num_layers is not None and num_layers < have:
     sd, source = first_layers(sd, num_layers), f"the first {num_layers} of MiniLM-L6's {have} layers"
