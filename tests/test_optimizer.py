@@ -1,5 +1,8 @@
 """BERT's optimiser against a numpy transcription of the original AdamWeightDecayOptimizer."""
 
+import json
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -74,3 +77,50 @@ def test_train_config_overrides_and_validation():
     apply_overrides(cfg, ["grad_accum_steps=5"])
   with pytest.raises(ConfigError, match="retrieval must be one of"):
     apply_overrides(cfg, ["retrieval=faiss"])
+
+
+def test_lr_mults_scale_the_update_of_matched_parameters_only():
+  """A rule's multiplier scales the update of the parameters whose path it matches (first rule
+  wins, 0 freezes); the Adam moments are those of the unscaled rule."""
+  rng = np.random.default_rng(1)
+  params = {"encoder": {"kernel": rng.normal(size=(4, 3)).astype(np.float32),
+                        "norm": {"scale": rng.normal(size=(3,)).astype(np.float32)}},
+            "retriever": {"kernel": rng.normal(size=(3, 2)).astype(np.float32)},
+            "reader": {"kernel": rng.normal(size=(2, 2)).astype(np.float32)}}
+  grads_seq = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params) for _ in range(4)]
+  schedule = warmup_linear_decay(1e-2, total_steps=10, warmup_steps=2)
+
+  def train(tx):
+    state, p = tx.init(params), params
+    for g in grads_seq:
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return p
+
+  # No weight decay here: it reads the (now different) parameters, so later updates would not be
+  # exact multiples of each other.
+  plain = train(bert_adamw(schedule, weight_decay=0.0))
+  scaled = train(bert_adamw(schedule, weight_decay=0.0, lr_mults=(("^encoder/norm", 0.0), ("^encoder/", 0.25), ("kernel", 2.0))))
+  delta = lambda p, *keys: np.asarray(_get(p, keys)) - _get(params, keys)
+  np.testing.assert_array_equal(scaled["encoder"]["norm"]["scale"], params["encoder"]["norm"]["scale"])
+  np.testing.assert_allclose(delta(scaled, "encoder", "kernel"), 0.25 * delta(plain, "encoder", "kernel"), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(delta(scaled, "retriever", "kernel"), 2.0 * delta(plain, "retriever", "kernel"), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(delta(scaled, "reader", "kernel"), 2.0 * delta(plain, "reader", "kernel"), rtol=1e-4, atol=1e-6)
+  assert np.abs(delta(plain, "encoder", "norm", "scale")).max() > 1e-4  # the freeze did something
+
+
+def _get(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def test_lr_mults_config_parsing_and_validation():
+  cfg = apply_overrides(TrainConfig(), ['lr_mults=[["^encoder/", 0.1]]', 'param_sharding=[[".*", "fsdp"]]'])
+  assert cfg.lr_mults == (("^encoder/", 0.1),) and cfg.param_sharding == ((".*", "fsdp"),)
+  hash(cfg)  # tuples, not the lists JSON gave
+  assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  with pytest.raises(ConfigError, match="lr_mults rules are"):
+    apply_overrides(cfg, ['lr_mults=[["^encoder/", -1]]'])
+  with pytest.raises(ConfigError, match="bad regex"):
+    apply_overrides(cfg, ['lr_mults=[["(encoder", 0.5]]'])

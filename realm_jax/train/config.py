@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import re
 from typing import Any
 
 from realm_jax.config import RealmConfig, get_preset
@@ -44,6 +45,8 @@ class TrainConfig:
   warmup_steps: int | None = None  # None: min(10000, max(100, steps // 10))
   weight_decay: float = 0.01
   clip_norm: float = 1.0
+  lr_mults: tuple[tuple[str, float], ...] = ()  # (path regex, multiplier): first match scales the
+  # update of a parameter (e.g. ("^encoder/", 0.1)); unmatched parameters keep the full rate
   # Retrieval.
   retrieval: str = "device"  # exact/approx top-k on the mesh, or ScaNN on the host
   approx_top_k: bool = False  # lax.approx_max_k (TPU) instead of exact lax.top_k
@@ -65,6 +68,9 @@ class TrainConfig:
   init: str | None = None  # weights URI, or "minilm" for the packaged MiniLM BERT
 
   def __post_init__(self):
+    for key in ("param_sharding", "lr_mults"):  # JSON / --set give lists: keep the config hashable
+      object.__setattr__(self, key, tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in getattr(self, key)))
+
     def check(cond, msg):
       if not cond:
         raise ConfigError(msg)
@@ -80,6 +86,13 @@ class TrainConfig:
           f"batch_size ({self.batch_size}) must be divisible by grad_accum_steps ({self.grad_accum_steps})")
     check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
     check(0.0 <= self.ict_remove_prob <= 1.0, f"ict_remove_prob must be in [0, 1], got {self.ict_remove_prob}")
+    for rule in self.lr_mults:
+      check(len(rule) == 2 and isinstance(rule[0], str) and isinstance(rule[1], (int, float)) and rule[1] >= 0,
+            f"lr_mults rules are (regex, multiplier >= 0), got {rule!r}")
+      try:
+        re.compile(rule[0])
+      except re.error as e:
+        raise ConfigError(f"lr_mults: bad regex {rule[0]!r}: {e}") from e
     for rule in self.param_sharding:
       check(len(rule) == 2 and rule[1] in ("replicated", "fsdp"),
             f"param_sharding rules are (regex, 'replicated'|'fsdp'), got {rule!r}")
@@ -94,8 +107,6 @@ class TrainConfig:
   def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
     d = dict(d)
     d["model"] = RealmConfig.from_dict(d["model"]) if isinstance(d.get("model"), dict) else d.get("model")
-    if "param_sharding" in d:
-      d["param_sharding"] = tuple(tuple(r) for r in d["param_sharding"])
     return cls(**d)
 
 

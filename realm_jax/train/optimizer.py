@@ -1,9 +1,11 @@
 """BERT's optimiser in optax: AdamW without bias correction, decay off for LayerNorm and biases,
-global-norm clipping, linear warmup then linear decay to zero."""
+global-norm clipping, linear warmup then linear decay to zero; optional per-parameter learning-rate
+multipliers by path regex (big_vision's `lr_mults`)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import re
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +50,14 @@ def scale_by_adam_no_bias_correction(b1: float = 0.9, b2: float = 0.999, eps: fl
   return optax.GradientTransformation(init, update)
 
 
+def _names(path: tuple) -> list[str]:
+  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  return [n for n in names if n not in ("value", "raw_value")]  # nnx.Variable's own attribute
+
+
 def _is_decayed(path: tuple, _leaf) -> bool:
   """Weight decay applies to kernels and embeddings, not to LayerNorm parameters or biases."""
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  names = [n for n in names if n not in ("value", "raw_value")]  # nnx.Variable's own attribute
+  names = _names(path)
   return not (any("norm" in n for n in names) or names[-1] in ("bias", "output_bias"))
 
 
@@ -59,12 +65,35 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(_is_decayed, params)
 
 
+def lr_multiplier(rules: Sequence[tuple[str, float]], path: tuple) -> float:
+  """The multiplier of the first rule whose regex is found in the parameter's path
+  (`retriever/query_embedder/bert/...`, `encoder/mlm/...`); 1 when none matches."""
+  name = "/".join(_names(path))
+  return next((float(m) for r, m in rules if re.search(r, name)), 1.0)
+
+
+def scale_by_lr_mults(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its `lr_multiplier` (0 freezes it): e.g. a retriever
+  that must move faster than an encoder which would otherwise memorise the training queries."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * lr_multiplier(rules, p), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def bert_adamw(learning_rate: float | optax.Schedule, weight_decay: float = 0.01, clip_norm: float = 1.0,
-               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
-  """clip(global norm) -> Adam (no bias correction) -> decoupled weight decay (masked) -> -lr."""
-  return optax.chain(
+               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+               lr_mults: Sequence[tuple[str, float]] = ()) -> optax.GradientTransformation:
+  """clip(global norm) -> Adam (no bias correction) -> decoupled weight decay (masked) -> -lr
+  (-> per-parameter multipliers, when `lr_mults` has rules)."""
+  parts = [
       optax.clip_by_global_norm(clip_norm),
       scale_by_adam_no_bias_correction(b1, b2, eps),
       optax.add_decayed_weights(weight_decay, mask=decay_mask),
       optax.scale_by_learning_rate(learning_rate),
-  )
+  ]
+  if lr_mults:
+    parts.append(scale_by_lr_mults(tuple(lr_mults)))
+  return optax.chain(*parts)

@@ -343,7 +343,7 @@ class Trainer:
     self.model = init_model(cfg, self.log)
     self.model.train()
     schedule = warmup_linear_decay(cfg.learning_rate, cfg.num_train_steps, cfg.warmup_steps)
-    tx = bert_adamw(schedule, cfg.weight_decay, cfg.clip_norm)
+    tx = bert_adamw(schedule, cfg.weight_decay, cfg.clip_norm, lr_mults=cfg.lr_mults)
     if cfg.grad_accum_steps > 1:
       tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
     self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
