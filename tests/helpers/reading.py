@@ -2,10 +2,11 @@
 from a block put next to it, on invented people disjoint from a test's.
 
 This stands in for the BERT initialisation of the real REALM encoder (which can already copy from
-its context) without giving it any of the test's facts. Half of the examples show the person's own
-block, the rest another person's block or the null document, so the encoder learns to copy *and*
-to hedge: a reader that copies every block with full confidence makes every wrong candidate far
-worse than the null document, and REALM's retriever then only learns to pick the null document.
+its context) without giving it any of the test's facts. Each example shows the person's own block
+(`own_block`), the null document (`null_block`) or another person's block. The learning test
+first teaches copying (own blocks only), then hedging (30% own, 20% null, 50% someone else's): a
+reader that copies every block with full confidence makes every wrong candidate far worse than
+the null document, and REALM's retriever then only learns to pick the null document.
 """
 
 from __future__ import annotations
