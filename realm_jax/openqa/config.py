@@ -41,6 +41,8 @@ class FinetuneConfig:
   seed: int = 0
 
   def __post_init__(self):
+    object.__setattr__(self, "param_sharding", train_config.rule_tuples(self.param_sharding))
+
     def check(cond, msg):
       if not cond:
         raise ConfigError(msg)
@@ -67,8 +69,6 @@ class FinetuneConfig:
     d = dict(d)
     if isinstance(d.get("model"), dict):
       d["model"] = RealmConfig.from_dict(d["model"])
-    if "param_sharding" in d:
-      d["param_sharding"] = tuple(tuple(r) for r in d["param_sharding"])
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
       raise ConfigError(f"unknown FinetuneConfig fields: {unknown}")

@@ -23,6 +23,11 @@ _RETRIEVAL = ("device", "scann")
 _REFRESH = ("async", "sync", "none")
 
 
+def rule_tuples(rules) -> tuple:
+  """(regex, value) rules as tuples: JSON and `--set` give lists, and a config must stay hashable."""
+  return tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in rules)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run needs besides the storage root."""
@@ -68,8 +73,8 @@ class TrainConfig:
   init: str | None = None  # weights URI, or "minilm" for the packaged MiniLM BERT
 
   def __post_init__(self):
-    for key in ("param_sharding", "lr_mults"):  # JSON / --set give lists: keep the config hashable
-      object.__setattr__(self, key, tuple(tuple(r) if isinstance(r, (list, tuple)) else r for r in getattr(self, key)))
+    for key in ("param_sharding", "lr_mults"):
+      object.__setattr__(self, key, rule_tuples(getattr(self, key)))
 
     def check(cond, msg):
       if not cond:
