@@ -55,6 +55,11 @@ def _names(path: tuple) -> list[str]:
   return [n for n in names if n not in ("value", "raw_value")]  # nnx.Variable's own attribute
 
 
+def param_path(path: tuple) -> str:
+  """A pytree key path as the `a/b/c` string that `lr_mults` and `param_sharding` rules search."""
+  return "/".join(_names(path))
+
+
 def _is_decayed(path: tuple, _leaf) -> bool:
   """Weight decay applies to kernels and embeddings, not to LayerNorm parameters or biases."""
   names = _names(path)
@@ -68,7 +73,7 @@ def decay_mask(params: Any) -> Any:
 def lr_multiplier(rules: Sequence[tuple[str, float]], path: tuple) -> float:
   """The multiplier of the first rule whose regex is found in the parameter's path
   (`retriever/query_embedder/bert/...`, `encoder/mlm/...`); 1 when none matches."""
-  name = "/".join(_names(path))
+  name = param_path(path)
   return next((float(m) for r, m in rules if re.search(r, name)), 1.0)
 
 

@@ -35,7 +35,7 @@ from realm_jax.train import device_corpus, realm_step
 from realm_jax.train.checkpoints import Checkpoints
 from realm_jax.train.config import TrainConfig
 from realm_jax.train.metrics import MetricsWriter, progress_line
-from realm_jax.train.optimizer import bert_adamw, warmup_linear_decay
+from realm_jax.train.optimizer import bert_adamw, param_path, warmup_linear_decay
 
 log = logging.getLogger("realm_jax.train")
 DONE_MARKER = "TRAINING_DONE"
@@ -75,7 +75,7 @@ def param_sharding(mesh, cfg: TrainConfig, state: Any) -> Any:
   data = mesh.shape["data"]
 
   def spec(path, leaf):
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    name = param_path(path)
     kind = next((k for r, k in rules if r.fullmatch(name) or r.search(name)), "replicated")
     shape = getattr(leaf, "shape", ())
     if kind == "fsdp" and shape:
