@@ -48,8 +48,9 @@ PEOPLE, QUERY_LEN, BLOCK_LEN = 48, 24, 32
 
 def recall_at(model, storage, people, k: int = 8) -> np.ndarray:
   """Per query of the query corpus: is its person's fact block among the top k by brute force?"""
-  tok = CorpusReader(storage, "corpus").tokenizer()
-  blocks = list(CorpusReader(storage, "corpus").iter_blocks())
+  corpus = CorpusReader(storage, "corpus")
+  tok = corpus.tokenizer()
+  blocks = list(corpus.iter_blocks())
   doc, _ = device_corpus.host_token_tables(blocks, BLOCK_LEN, tok)
   queries = fact_queries(storage, QUERY_LEN)
   d = np.asarray(model.retriever.embed_docs(*device_corpus.doc_inputs_from_tokens(jnp.asarray(doc), tok.pad_id,

@@ -33,15 +33,14 @@ def fact_queries(storage, query_len: int, prefix: str = "queries", seed: int = 0
   return {k: np.stack([f[k] for f in feats]) for k in feats[0]}
 
 
-def encoder_nll(encoder, queries: dict, bodies: jnp.ndarray, pad_id: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Mean masked-token NLL and accuracy of the encoder reading `[CLS] query [SEP] body [SEP]`."""
+def encoder_nll(encoder, queries: dict, bodies: jnp.ndarray, pad_id: int) -> jnp.ndarray:
+  """Mean masked-token NLL of the encoder reading `[CLS] query [SEP] body [SEP]`."""
   ids, mask, segments = device_corpus.joint_inputs(queries["input_ids"], queries["attention_mask"],
                                                    bodies[:, None, :], pad_id)
   logits = encoder(ids, mask, segments, mlm_positions=queries["mlm_positions"][:, None, :])[:, 0]
   w = queries["mlm_weights"]
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, queries["mlm_targets"])
-  accuracy = (logits.argmax(-1) == queries["mlm_targets"]) * w
-  return (nll * w).sum() / w.sum(), accuracy.sum() / w.sum()
+  return (nll * w).sum() / w.sum()
 
 
 def teach_reading(encoder, storage, *, query_len: int, block_len: int, steps: int = 600, batch: int = 32,
@@ -64,7 +63,7 @@ def teach_reading(encoder, storage, *, query_len: int, block_len: int, steps: in
 
   @nnx.jit
   def step(encoder, opt, q, body):
-    (loss, _), grads = nnx.value_and_grad(lambda e: encoder_nll(e, q, body, tok.pad_id), has_aux=True)(encoder)
+    loss, grads = nnx.value_and_grad(lambda e: encoder_nll(e, q, body, tok.pad_id))(encoder)
     opt.update(encoder, grads)
     return loss
 
