@@ -8,6 +8,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from realm_jax.errors import RealmError
 from realm_jax.retrieval import mips
+from tests.helpers.ranking import assert_top_k
 
 
 def _reference(q, db, k, exclude=None):
@@ -23,7 +24,11 @@ def _reference(q, db, k, exclude=None):
 
 
 def _check(result, q, db, k, exclude=None):
-  """Exact up to ties: the returned scores are the k best, and each id really has its score."""
+  """Exact up to near-ties: the returned scores are the k best, and each id really has its score.
+
+  Tolerance: Gaussian rows of <= 32 dims give scores of magnitude <= ~30; a float32 dot product is
+  off by at most 32 * 2^-24 * 30 ~ 6e-5 depending on the kernel's summation order (tiles, SIMD
+  width), so 1e-4 absolute (plus 1e-5 relative) separates rounding from a wrong row."""
   ids, scores = np.asarray(result.ids), np.asarray(result.scores)
   assert ids.shape == scores.shape == (q.shape[0], k) and ids.dtype == np.int32
   ref_ids, ref_scores = _reference(q, db, k, exclude)
@@ -40,7 +45,7 @@ def _check(result, q, db, k, exclude=None):
     assert got.max(initial=-1) < db.shape[0], f"query {b}: padding row returned"
     if exclude is not None:
       assert not set(got.tolist()) & set(exclude[b].tolist()), f"query {b}: excluded id returned"
-  assert (ids == ref_ids)[valid].mean() > 0.98  # ties aside, the same ids in the same order
+  assert_top_k(ids, q, db, k, atol=1e-4, exclude=exclude)  # near-ties aside, the same ids in the same order
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from realm_jax import publish
 from realm_jax.errors import RealmError
 from realm_jax.retrieval import scann_index
 from realm_jax.storage import Storage
+from tests.helpers.ranking import assert_top_k
 
 
 def _clustered(n, centers, rng, noise=0.25):
@@ -57,7 +58,8 @@ def test_recall_at_10_vs_brute_force(big):
   res = index.search(q, 10)
   assert res.ids.shape == res.scores.shape == (300, 10) and res.ids.dtype == np.int32
   recall = _recall(res.ids, _brute_force(q, db, 10))
-  assert recall >= 0.95, recall
+  # The default searches 20% of the leaves: 0.995 (k-means starts at random: +-0.002 between builds).
+  assert recall >= 0.98, recall
   # The scores are exact inner products (float32 reorder), best first.
   np.testing.assert_allclose(res.scores, np.einsum("bd,bkd->bk", q, db[res.ids]), rtol=1e-4,
                              atol=1e-3)
@@ -76,7 +78,7 @@ def test_exclusions_are_honoured(big):
     assert not set(res.ids[b].tolist()) & set(exclude[b][exclude[b] >= 0].tolist()), b
     assert len(set(res.ids[b].tolist())) == 10
   masked = [[i for i in ref[b] if i not in exclude[b]][:10] for b in range(len(q))]
-  assert _recall(res.ids, np.asarray(masked)) >= 0.95
+  assert _recall(res.ids, np.asarray(masked)) >= 0.98
   np.testing.assert_array_equal(res.ids[0], index.search(q[:1], 10).ids[0])
   one_d = index.search(q, 10, exclude_ids=ref[:, 0])  # [B] is one exclusion per query
   assert not np.any(one_d.ids == ref[:, :1])
@@ -88,12 +90,13 @@ def test_brute_force_fallback_is_exact_and_pads():
   q = rng.standard_normal((7, 16)).astype(np.float32)
   index = scann_index.build_searcher(db)
   assert index.info.kind == "brute_force" and index.info.num_leaves == 0
-  np.testing.assert_array_equal(index.search(q, 5).ids, _brute_force(q, db, 5))
+  # Gaussian 16-d rows: scores up to ~50, float32 summation-order error <= 16 * 2^-24 * 50 ~ 5e-5.
+  res = index.search(q, 5)
+  assert_top_k(res.ids, q, db, 5, atol=1e-4, scores=res.scores)
   tiny = scann_index.build_searcher(db[:6])
-  res = tiny.search(q[:2], 8, exclude_ids=np.array([[0, -1], [-1, -1]]))
-  ref = _brute_force(q[:2], db[:6], 6)
-  np.testing.assert_array_equal(res.ids[0], list(ref[0][ref[0] != 0]) + [-1, -1, -1])
-  np.testing.assert_array_equal(res.ids[1], list(ref[1]) + [-1, -1])
+  exclude = np.array([[0, -1], [-1, -1]])
+  res = tiny.search(q[:2], 8, exclude_ids=exclude)  # 5 and 6 rows left: -1 / -inf after them
+  assert_top_k(res.ids, q[:2], db[:6], 8, atol=1e-4, exclude=exclude, scores=res.scores)
   assert np.all(np.isneginf(res.scores[0, 5:])) and np.all(np.isfinite(res.scores[0, :5]))
 
 

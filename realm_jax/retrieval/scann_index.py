@@ -41,7 +41,8 @@ class ScannConfig:
   """How to build a searcher. None fields are derived from the corpus size."""
 
   num_leaves: int | None = None  # k-means tree leaves; default ~sqrt(n)
-  leaves_to_search: int | None = None  # default 10% of the leaves
+  leaves_to_search: int | None = None  # default 20% of the leaves: recall@10 >= 0.99 on clustered
+  # 100k x 128 (10% gave 0.95-0.96, and k-means' random start moved it either side of 0.95)
   reorder: int = 250  # candidates rescored exactly (float32) before the final top-k
   dims_per_block: int = 2  # asymmetric hashing: dimensions per 4-bit code
   anisotropic_threshold: float = 0.2  # score-aware quantization (ScaNN's recommended value)
@@ -192,7 +193,7 @@ def build_searcher(embeddings: np.ndarray, config: ScannConfig = ScannConfig()) 
   leaves = config.num_leaves or default_leaves(n)
   if not 1 <= leaves <= n:
     raise ScannIndexError(f"num_leaves={leaves} must be in [1, {n}] for {n} rows")
-  to_search = config.leaves_to_search or max(1, math.ceil(leaves / 10))
+  to_search = config.leaves_to_search or max(1, math.ceil(leaves / 5))
   to_search = min(to_search, leaves)
   if dim % config.dims_per_block:
     raise ScannIndexError(f"dims_per_block={config.dims_per_block} must divide dim={dim}")
