@@ -19,6 +19,9 @@ from realm_jax.models import OpenQAModel, RealmModel
 
 VOCAB = 500
 CFG = get_preset("tiny", **{"bert.vocab_size": VOCAB}).replace(num_candidates=3)
+# Tiny random models, float32, activations O(1): XLA:CPU and PyTorch (oneDNN) kernels of either ISA
+# agree to ~1e-6 (summation order only); 1e-5 leaves room for that and still catches any wrong weight,
+# transpose or op, which moves outputs by 1e-2 or more.
 TOL = 1e-5
 L = 24  # one sequence length (and mostly 6 rows) everywhere: JAX compiles each op shape once
 

@@ -19,6 +19,9 @@ from realm_jax.models.reader import openqa_losses, correct_spans, predict_span
 
 VOCAB = 512
 CFG = get_preset("tiny", **{"bert.vocab_size": VOCAB}).replace(num_candidates=4, reader_beam_size=3)
+# Tiny random models, float32, activations O(1): XLA:CPU and PyTorch (oneDNN) kernels of either ISA
+# agree to ~1e-6 (summation order only); 1e-5 leaves room for that and still catches any wrong weight,
+# transpose or op, which moves outputs by 1e-2 or more.
 TOL = 1e-5
 
 
@@ -81,6 +84,7 @@ def test_scorer_matches_hf():
   np.testing.assert_allclose(np.asarray(qe), out.query_score.numpy(), atol=TOL, rtol=0)
   np.testing.assert_allclose(np.asarray(de), out.candidate_score.numpy(), atol=TOL, rtol=0)
   # Scores are ~100 here (sum of 128 products): float32 resolution there is ~1e-5, so compare relatively.
+  # The same 128-d dot products of the same float32 inputs: only the summation order differs (~1e-7).
   np.testing.assert_allclose(np.asarray(relevance_scores(qe, de)), out.relevance_score.numpy(), atol=0, rtol=1e-6)
 
 
@@ -129,7 +133,7 @@ def test_per_span_marginal_is_the_joint_over_span_tokens():
   span = (tok * mask[:, None]).sum(-1)
   lpz = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
   want = -np.mean(np.log(np.exp(lpz + span).sum(-1)))
-  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)  # float32 vs numpy float64 logsumexps
   token_loss, _ = marginal_log_likelihood(logits, targets, mask, scores, per_span=False)
   assert abs(float(token_loss) - float(loss)) > 1e-3  # the two forms really differ
 
@@ -166,6 +170,7 @@ def test_reader_matches_hf():
   correct = correct_spans(starts, ends, starts_gold.astype(np.int32), ends_gold.astype(np.int32))
   losses = openqa_losses(relevance[None], has_answers[None], with_retriever[None], np.asarray(correct)[None])
   np.testing.assert_allclose(float(losses["retriever_loss"][0]), out.retriever_loss.item(), atol=TOL, rtol=1e-6)
+  # The reader loss is a logsumexp over ~1,000 span logits of magnitude ~10: 1e-5 relative per term.
   np.testing.assert_allclose(float(losses["reader_loss"][0]), out.reader_loss.item(), atol=1e-4, rtol=1e-6)
 
 

@@ -23,6 +23,8 @@ from realm_jax.errors import ConfigError  # noqa: E402
 from realm_jax.train import memory  # noqa: E402
 from realm_jax.train.config import TrainConfig, load_config  # noqa: E402
 
+# Arguments are shapes we know to the byte (4 KiB: small scalars and alignment); temporaries depend
+# on XLA's buffer assignment and fusion, which the estimate models as whole activations (+-25%).
 ARG_TOL_BYTES, TEMP_TOL = 4096, 0.25
 
 

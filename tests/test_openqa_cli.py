@@ -63,6 +63,7 @@ def test_resumed_finetuning_equals_a_straight_run(trained, corpus_dir, tmp_path,
   assert _finetune(straight, corpus_dir / "facts.jsonl") == 0
   want, got = _losses(straight), _losses(trained)
   assert sorted(got) == [1, 2, 3, 4] and sorted(want) == [1, 2, 3, 4]
+  # Same machine and program: a resumed run computes the same floats up to recompilation.
   assert [got[s] for s in range(1, 5)] == pytest.approx([want[s] for s in range(1, 5)], rel=1e-5)
   capsys.readouterr()
   assert _finetune(trained, corpus_dir / "facts.jsonl") == 2  # not without --resume
@@ -89,6 +90,7 @@ def test_evaluate_reads_the_real_test_sets(trained, corpus_dir, tmp_path, capsys
     for r in rows:
       assert {"answer", "block_id", "title", "score", "reader_score", "retriever_score", "correct",
               "first_hit_rank", "retrieved"} <= set(r)
+      # Written with 4 decimals to the JSONL: the sum of two rounded numbers is within 1e-4 of the third.
       assert r["score"] == pytest.approx(r["reader_score"] + r["retriever_score"], abs=1e-3)
   nq = [json.loads(l) for l in (out / "nq-test.jsonl").read_text().splitlines()]
   assert [r["question"] for r in nq] == [e.question for e in load_questions("nq-test")[:5]]

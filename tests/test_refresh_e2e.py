@@ -206,6 +206,8 @@ def _check_embeddings_against_checkpoint(storage: Storage, version: str) -> None
     feats = blocks_doc_inputs(corpus.read_shard(i), corpus.block_len, corpus.tokenizer())
     want.append(np.asarray(model.retriever.embed_docs(
         feats["input_ids"], feats["attention_mask"], feats["token_type_ids"])))
+  # The refresher's jitted, device-sharded batches vs eager per-shard calls on LayerNorm-ed (O(1))
+  # outputs: float32 rounding of a 2-layer tower, ~1e-6; a wrong checkpoint or block moves them by 1e-1.
   np.testing.assert_allclose(loaded.embeddings, np.concatenate(want), atol=2e-5, rtol=1e-4)
   jax.clear_caches()
 

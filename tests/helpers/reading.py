@@ -79,3 +79,28 @@ def teach_reading(encoder, storage, *, query_len: int, block_len: int, steps: in
     if s % 50 == 0 or s == steps - 1:
       losses.append(float(loss))
   return losses
+
+
+def reading_accuracy(encoder, storage, *, query_len: int, block_len: int) -> dict[str, float]:
+  """Accuracy of the masked city on the people of `storage` (held out from teaching) when the
+  encoder reads their own block (`own`), the next person's block (`other`) or the null document,
+  and the mean negative log-likelihood of the city in each case (`own_nll`, ...: how confident)."""
+  knowledge = CorpusReader(storage, "corpus")
+  tok = knowledge.tokenizer()
+  queries = fact_queries(storage, query_len)
+  _, bodies = device_corpus.host_token_tables(list(knowledge.iter_blocks()), block_len, tok)
+  null = np.full_like(bodies[0], tok.pad_id)
+  null[0] = tok.sep_id
+  n, nq = len(bodies), len(queries["input_ids"])
+  owner = np.arange(nq) // (nq // n)
+  q = {k: jnp.asarray(queries[k]) for k in _QUERY_KEYS}
+  w = queries["mlm_weights"] > 0
+  out = {}
+  for name, body in (("own", bodies[owner]), ("other", bodies[(owner + 1) % n]), ("null", np.stack([null] * nq))):
+    ids, mask, segments = device_corpus.joint_inputs(q["input_ids"], q["attention_mask"], jnp.asarray(body)[:, None, :],
+                                                     tok.pad_id)
+    logits = encoder(ids, mask, segments, mlm_positions=q["mlm_positions"][:, None, :])[:, 0]
+    out[name] = float((np.asarray(jnp.argmax(logits, -1)) == queries["mlm_targets"])[w].mean())
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, q["mlm_targets"])
+    out[f"{name}_nll"] = float(np.asarray(nll)[w].mean())
+  return out
