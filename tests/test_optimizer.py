@@ -100,12 +100,13 @@ def test_lr_mults_scale_the_update_of_matched_parameters_only():
   # No weight decay here: it reads the (now different) parameters, so later updates would not be
   # exact multiples of each other.
   plain = train(bert_adamw(schedule, weight_decay=0.0))
-  scaled = train(bert_adamw(schedule, weight_decay=0.0, lr_mults=(("^encoder/norm", 0.0), ("^encoder/", 0.25), ("kernel", 2.0))))
-  delta = lambda p, *keys: np.asarray(_get(p, keys)) - _get(params, keys)
+  mults = (("^encoder/norm", 0.0), ("^encoder/", 0.25), ("kernel", 2.0))
+  scaled = train(bert_adamw(schedule, weight_decay=0.0, lr_mults=mults))
+  def delta(p, *keys):
+    return np.asarray(_get(p, keys)) - _get(params, keys)
   np.testing.assert_array_equal(scaled["encoder"]["norm"]["scale"], params["encoder"]["norm"]["scale"])
-  np.testing.assert_allclose(delta(scaled, "encoder", "kernel"), 0.25 * delta(plain, "encoder", "kernel"), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(delta(scaled, "retriever", "kernel"), 2.0 * delta(plain, "retriever", "kernel"), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(delta(scaled, "reader", "kernel"), 2.0 * delta(plain, "reader", "kernel"), rtol=1e-4, atol=1e-6)
+  for part, mult in (("encoder", 0.25), ("retriever", 2.0), ("reader", 2.0)):
+    np.testing.assert_allclose(delta(scaled, part, "kernel"), mult * delta(plain, part, "kernel"), rtol=1e-4, atol=1e-6)
   assert np.abs(delta(plain, "encoder", "norm", "scale")).max() > 1e-4  # the freeze did something
 
 
@@ -120,7 +121,8 @@ def test_lr_mults_config_parsing_and_validation():
   assert cfg.lr_mults == (("^encoder/", 0.1),) and cfg.param_sharding == ((".*", "fsdp"),)
   hash(cfg)  # tuples, not the lists JSON gave
   assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-  from realm_jax.openqa.config import FinetuneConfig, apply_overrides as finetune_overrides
+  from realm_jax.openqa.config import FinetuneConfig
+  from realm_jax.openqa.config import apply_overrides as finetune_overrides
   ft = finetune_overrides(FinetuneConfig(), ['param_sharding=[[".*", "fsdp"]]'])
   assert ft.param_sharding == ((".*", "fsdp"),) and hash(ft)
   with pytest.raises(ConfigError, match="lr_mults rules are"):
