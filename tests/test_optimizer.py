@@ -121,8 +121,7 @@ def test_lr_mults_config_parsing_and_validation():
   assert cfg.lr_mults == (("^encoder/", 0.1),) and cfg.param_sharding == ((".*", "fsdp"),)
   hash(cfg)  # tuples, not the lists JSON gave
   assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-  from realm_jax.openqa.config import FinetuneConfig
-  from realm_jax.openqa.config import apply_overrides as finetune_overrides
+  from realm_jax.openqa.config import FinetuneConfig, apply_overrides as finetune_overrides
   ft = finetune_overrides(FinetuneConfig(), ['param_sharding=[[".*", "fsdp"]]'])
   assert ft.param_sharding == ((".*", "fsdp"),) and hash(ft)
   with pytest.raises(ConfigError, match="lr_mults rules are"):

@@ -14,8 +14,7 @@ def _convert_tf(args: argparse.Namespace) -> int:
 
 
 def _convert_hf(args: argparse.Namespace) -> int:
-  from realm_jax.convert import export_hf
-  from realm_jax.convert import tf as tfconv
+  from realm_jax.convert import export_hf, tf as tfconv
 
   config = tfconv.parse_config(args.config) if args.config else None
   export_hf.convert_hf(args.path, args.out, kind=args.kind, config=config)
@@ -23,8 +22,7 @@ def _convert_hf(args: argparse.Namespace) -> int:
 
 
 def _convert_index(args: argparse.Namespace) -> int:
-  from realm_jax.convert import index
-  from realm_jax.convert import tf as tfconv
+  from realm_jax.convert import index, tf as tfconv
 
   config = tfconv.parse_config(args.config) if args.config else None
   index.convert_index(args.checkpoint, args.storage, var=args.var, blocks=args.blocks, titles=args.titles,

@@ -31,8 +31,10 @@ import numpy as np
 
 from realm_jax.data import features
 from realm_jax.data.blocks import Block
-from realm_jax.data.features import BertSpecials as Specials  # noqa: F401  (the default ids, by their old name)
-from realm_jax.data.features import SpecialIds
+from realm_jax.data.features import (
+  BertSpecials as Specials,  # noqa: F401  (the default ids, by their old name)
+  SpecialIds,
+)
 
 IGNORE_LABEL = -100
 

@@ -14,8 +14,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from realm_jax.config import RealmConfig
 from realm_jax.data import qa

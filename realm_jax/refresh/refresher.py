@@ -22,8 +22,7 @@ from typing import Callable, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from realm_jax import layout, publish
 from realm_jax.config import RealmConfig
@@ -31,8 +30,7 @@ from realm_jax.data.corpus import CorpusReader
 from realm_jax.errors import RealmError
 from realm_jax.logs import RunLog
 from realm_jax.models.retriever import Retriever
-from realm_jax.retrieval import embed as embed_lib
-from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval import embed as embed_lib, index as index_lib
 from realm_jax.storage import Storage
 from realm_jax.train.checkpoints import Checkpoints
 from realm_jax.train.config import TrainConfig, apply_overrides, flat_fields

@@ -16,8 +16,7 @@ from realm_jax import layout, publish
 from realm_jax.data.corpus import CorpusReader
 from realm_jax.errors import RealmError
 from realm_jax.logs import RunLog
-from realm_jax.retrieval import index as index_lib
-from realm_jax.retrieval import mips
+from realm_jax.retrieval import index as index_lib, mips
 from realm_jax.storage import Storage
 
 

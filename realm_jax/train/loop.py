@@ -19,8 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from realm_jax import layout, parallel
 from realm_jax.errors import RealmError

@@ -21,8 +21,7 @@ from realm_jax.convert import hf as hfconv
 from realm_jax.data.corpus import CorpusReader
 from realm_jax.errors import ConfigError
 from realm_jax.models import RealmModel
-from realm_jax.retrieval import index as index_lib
-from realm_jax.retrieval import mips
+from realm_jax.retrieval import index as index_lib, mips
 from realm_jax.storage import Storage
 from realm_jax.train import device_corpus, inputs, realm_step
 from realm_jax.train.config import TrainConfig
