@@ -23,7 +23,8 @@ tf.raw_ops.SaveV2(prefix=sys.argv[1], tensor_names=["block_emb", "global_step"],
 """
 CONVERT = "from realm_jax.cli.main import main; import sys; sys.exit(main(sys.argv[1:]))"
 BASELINE = "import realm_jax.cli.main, realm_jax.convert.index, realm_jax.retrieval.index, realm_jax.retrieval.embed"
-NAIVE = "import sys, tensorflow as tf; x = tf.train.load_checkpoint(sys.argv[1]).get_tensor('block_emb'); print(x.shape)"
+NAIVE = ("import sys, tensorflow as tf; x = tf.train.load_checkpoint(sys.argv[1]).get_tensor('block_emb'); "
+         "print(x.shape)")
 
 
 def peak_rss(code: str, *args: str) -> tuple[int, float]:
@@ -52,7 +53,8 @@ def main() -> None:
     conv, secs = peak_rss(CONVERT, "convert", "index", "--checkpoint", prefix, "--storage", os.path.join(tmp, "root"),
                           "--rows-per-shard", "500000", "--no-scann")
     naive, _ = peak_rss(NAIVE, prefix)
-  mb = lambda b: f"{b / 2**20:,.0f} MB"
+  def mb(b):
+    return f"{b / 2**20:,.0f} MB"
   print(f"block_emb {args.rows:,} x {args.dim} float32 = {mb(size)}")
   print(f"  imports only (baseline)        peak RSS {mb(base)}  = {base / size:.2f}x the array")
   print(f"  realm-jax convert index        peak RSS {mb(conv)}  = {conv / size:.2f}x the array "

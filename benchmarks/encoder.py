@@ -123,8 +123,8 @@ def _hf_step(model, batch: dict[str, np.ndarray]) -> Callable[[], float]:
   """One forward with labels/relevance_score/mlm_mask (HF's marginal loss) and `.backward()`."""
   import torch
 
-  b, c, l = batch["ids"].shape
-  ids, mask, types = (torch.from_numpy(batch[k].reshape(b * c, l)) for k in ("ids", "mask", "types"))
+  b, c, n = batch["ids"].shape
+  ids, mask, types = (torch.from_numpy(batch[k].reshape(b * c, n)) for k in ("ids", "mask", "types"))
   scores = torch.from_numpy(batch["scores"])
   labels, mlm_mask = torch.from_numpy(batch["labels"]), torch.from_numpy(batch["mlm_mask"])
 

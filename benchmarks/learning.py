@@ -41,7 +41,7 @@ def run_cell(seed: int, isa: str, learning_rate: float | None) -> dict:
   recipe = {"seed": seed} if learning_rate is None else {"seed": seed, "learning_rate": learning_rate}
   proc = subprocess.run([sys.executable, "-c", _CELL, json.dumps(recipe)], cwd=repo, env=env, capture_output=True,
                         text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("CELL ")]
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("CELL ")]
   if proc.returncode or not lines:
     raise SystemExit(f"seed {seed} isa {isa} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
   return {"seed": seed, "isa": isa, "learning_rate": learning_rate, **json.loads(lines[-1][5:])}

@@ -1,8 +1,9 @@
 """Per-device memory of the REALM train step: our estimate (realm_jax/train/memory.py) against XLA.
 
 One command: `python benchmarks/memory.py [--configs tiny:1:16 tiny:8:16 minilm:1:4 minilm:8:8]`
-(preset:devices:global batch); `--table` prints the estimate table of tpu/README.md instead. For each, a child process with that many emulated CPU devices
-builds a small synthetic corpus, the real `Trainer` (its `train_step`, not a copy), a random index
+(preset:devices:global batch); `--table` prints the estimate table of tpu/README.md instead. For
+each, a child process with that many emulated CPU devices builds a small synthetic corpus, the
+real `Trainer` (its `train_step`, not a copy), a random index
 of the corpus' size, lowers and compiles the step for one batch, and reads
 `compiled.memory_analysis()`: arguments (state, corpus tables, index, batch; per device) and
 temporaries (activations, gradients, search tiles). It prints estimate / measured per part.
@@ -53,7 +54,7 @@ def measure(preset: str, batch: int, root: str) -> dict:
   from flax import nnx
 
   from realm_jax.retrieval import mips
-  from realm_jax.train import memory
+  from realm_jax.train import inputs, memory
   from realm_jax.train.trainer import Trainer
 
   cfg = train_config(preset, batch)
@@ -61,7 +62,7 @@ def measure(preset: str, batch: int, root: str) -> dict:
   n = trainer.dev_corpus.num_blocks
   rng = np.random.default_rng(0)
   index = mips.shard_rows(rng.standard_normal((n, cfg.model.retriever_dim)).astype(np.float32), trainer.mesh)
-  batch_arrays = trainer._global_batch(next(iter(trainer.loader)))
+  batch_arrays = inputs.global_batch(next(iter(trainer.loader)), trainer.batch_sharding, trainer.same_corpus)
   state = nnx.state((trainer.model, trainer.optimizer))
   t0 = time.perf_counter()
   compiled = trainer._train_step.lower(state, batch_arrays, trainer.dev_corpus, index).compile()
@@ -85,7 +86,7 @@ def run_child(preset: str, devices: int, batch: int, root: str, timeout: int = 1
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   if out.returncode != 0:
     raise RuntimeError(f"measuring {preset}:{devices}:{batch} failed:\n{out.stderr[-3000:]}")
-  line = next(l for l in out.stdout.splitlines() if l.startswith("MEMORY="))
+  line = next(line for line in out.stdout.splitlines() if line.startswith("MEMORY="))
   return json.loads(line[len("MEMORY="):])
 
 
@@ -115,7 +116,8 @@ def print_table(experiment: str = "realm_wiki_base") -> None:
   from realm_jax.train.config import load_config
 
   cfg = load_config(experiment)
-  gb = lambda x: f"{x / 2**30:.2f}"
+  def gb(x):
+    return f"{x / 2**30:.2f}"
   print(f"Estimate ({experiment}: {cfg.model.bert.num_layers}-layer towers, batch {cfg.batch_size}, "
         f"k={cfg.model.num_candidates}, query {cfg.model.query_len}, block {cfg.model.block_len}, "
         f"{cfg.model.bert.dtype} compute; {WIKI_BLOCKS:,} blocks x {cfg.model.retriever_dim}); GiB per device")

@@ -50,10 +50,9 @@ def main() -> None:
   from realm_jax.data.qa import load_questions
   from realm_jax.models import OpenQAModel
   from realm_jax.openqa import loading
-  from realm_jax.openqa.config import FinetuneConfig
   from realm_jax.openqa.evaluate import Evaluator
+  from realm_jax.parallel import make_mesh
   from realm_jax.storage import Storage
-  from realm_jax.train.trainer import make_mesh
 
   # reader_len = question (<= 14 tokens here) + block: little padding, as with the paper's 64/288/320.
   cfg = get_preset("tiny", query_len=32, block_len=128, reader_len=144, reader_beam_size=args.reader_beam)
@@ -77,7 +76,7 @@ def main() -> None:
   questions = load_questions("nq-test")[:args.questions]
 
   model = OpenQAModel(cfg, rngs=nnx.Rngs(0))
-  mesh = make_mesh(FinetuneConfig())
+  mesh = make_mesh()
   if args.no_hf:
     model.eval()
     _time_ours(model, cfg, tables, embeddings, mesh, questions, args, None)
@@ -153,7 +152,8 @@ def _time_ours(model, cfg, tables, embeddings, mesh, questions, args, note):
   _, summary = full.evaluate(questions)
   full_s = time.perf_counter() - t0
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, mesh {dict(mesh.shape)}; {tables.num_blocks} "
-        f"blocks, tiny config, reader beam {args.reader_beam}, {q} NQ-Open questions, batches of {answer_only.batch_size}")
+        f"blocks, tiny config, reader beam {args.reader_beam}, {q} NQ-Open questions, "
+        f"batches of {answer_only.batch_size}")
   print(f"ours, answers only (retrieve top {answer_only.beam}):        {q / ours_s:9.1f} questions/s")
   print(f"ours, evaluate (top {full.beam}, EM + recall@k on the host): {q / full_s:9.1f} questions/s")
   return ours, ours_s

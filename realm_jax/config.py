@@ -18,9 +18,24 @@ _ACTIVATIONS = ("gelu_new", "gelu", "relu")
 _MARGINALS = ("token", "span")
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
+  """Raises ConfigError(msg) unless `cond`: the one validation helper of every config."""
   if not cond:
     raise ConfigError(msg)
+
+
+def check_positive_ints(cfg: Any, names: tuple[str, ...]) -> None:
+  """Every field in `names` of the config dataclass `cfg` is an int > 0."""
+  for name in names:
+    value = getattr(cfg, name)
+    check(isinstance(value, int) and value > 0,
+          f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
+
+
+def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
+  """The field `name` of `cfg` is one of `choices`."""
+  value = getattr(cfg, name)
+  check(value in choices, f"{type(cfg).__name__}.{name} must be one of {choices}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,17 +56,14 @@ class BertConfig:
   dtype: str = "float32"  # compute dtype; parameters are always float32.
 
   def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                 "max_position_embeddings", "type_vocab_size"):
-      value = getattr(self, name)
-      _check(isinstance(value, int) and value > 0, f"BertConfig.{name} must be a positive int, got {value!r}")
-    _check(self.hidden_size % self.num_heads == 0,
-           f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-    _check(self.hidden_act in _ACTIVATIONS,
-           f"BertConfig.hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}")
-    _check(self.dtype in _DTYPES, f"BertConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-    _check(0.0 <= self.dropout_rate < 1.0, f"BertConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
-    _check(self.layer_norm_eps > 0, f"BertConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+    check_positive_ints(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                               "max_position_embeddings", "type_vocab_size"))
+    check(self.hidden_size % self.num_heads == 0,
+          f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+    check_choice(self, "hidden_act", _ACTIVATIONS)
+    check_choice(self, "dtype", _DTYPES)
+    check(0.0 <= self.dropout_rate < 1.0, f"BertConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    check(self.layer_norm_eps > 0, f"BertConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,18 +86,17 @@ class RealmConfig:
   def __post_init__(self):
     if isinstance(self.bert, dict):  # from JSON
       object.__setattr__(self, "bert", BertConfig(**self.bert))
-    for name in ("retriever_dim", "query_len", "block_len", "reader_len", "num_candidates",
-                 "span_hidden_size", "max_span_width", "reader_beam_size"):
-      value = getattr(self, name)
-      _check(isinstance(value, int) and value > 0, f"RealmConfig.{name} must be a positive int, got {value!r}")
-    _check(self.marginal in _MARGINALS, f"RealmConfig.marginal must be one of {_MARGINALS}, got {self.marginal!r}")
-    _check(self.num_candidates >= 2,
-           f"RealmConfig.num_candidates must be >= 2 (the null document plus retrieved ones), got {self.num_candidates}")
+    check_positive_ints(self, ("retriever_dim", "query_len", "block_len", "reader_len", "num_candidates",
+                               "span_hidden_size", "max_span_width", "reader_beam_size"))
+    check_choice(self, "marginal", _MARGINALS)
+    check(self.num_candidates >= 2,
+          f"RealmConfig.num_candidates must be >= 2 (the null document plus retrieved ones), got {self.num_candidates}")
     longest = max(self.query_len + self.block_len, self.reader_len, self.block_len)
-    _check(longest <= self.bert.max_position_embeddings,
-           f"sequence length {longest} (query_len + block_len or reader_len) exceeds "
-           f"bert.max_position_embeddings ({self.bert.max_position_embeddings})")
-    _check(self.block_len >= 8, f"RealmConfig.block_len must be >= 8 to hold [CLS] title [SEP] body [SEP], got {self.block_len}")
+    check(longest <= self.bert.max_position_embeddings,
+          f"sequence length {longest} (query_len + block_len or reader_len) exceeds "
+          f"bert.max_position_embeddings ({self.bert.max_position_embeddings})")
+    check(self.block_len >= 8,
+          f"RealmConfig.block_len must be >= 8 to hold [CLS] title [SEP] body [SEP], got {self.block_len}")
 
   # -- serialisation -----------------------------------------------------------------------
   def to_dict(self) -> dict[str, Any]:
@@ -98,12 +109,12 @@ class RealmConfig:
   def from_dict(cls, d: dict[str, Any]) -> "RealmConfig":
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
-    _check(not unknown, f"unknown RealmConfig fields: {unknown}")
+    check(not unknown, f"unknown RealmConfig fields: {unknown}")
     bert = d.get("bert", {})
     if isinstance(bert, dict):
       bert_known = {f.name for f in dataclasses.fields(BertConfig)}
       bad = sorted(set(bert) - bert_known)
-      _check(not bad, f"unknown BertConfig fields: {bad}")
+      check(not bad, f"unknown BertConfig fields: {bad}")
       bert = BertConfig(**bert)
     return cls(**{**d, "bert": bert})
 

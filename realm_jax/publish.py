@@ -20,8 +20,15 @@ import secrets
 from typing import Any, Callable, Mapping, Union
 
 from realm_jax.errors import RealmError
-from realm_jax.storage import (GenerationMismatch, ObjectExists, ObjectInfo, ObjectNotFound,
-                               Storage, crc32c_hex, file_crc32c)
+from realm_jax.storage import (
+  GenerationMismatch,
+  ObjectExists,
+  ObjectInfo,
+  ObjectNotFound,
+  Storage,
+  crc32c_hex,
+  file_crc32c,
+)
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -316,6 +323,7 @@ class PublishedVersion:
 
   def read_array(self, name: str):
     import io
+
     import numpy as np
     return np.load(io.BytesIO(self.read_bytes(name)), allow_pickle=False)
 
@@ -348,11 +356,12 @@ class PublishedVersion:
       if e.generation is not None and info.generation != e.generation:
         raise CorruptVersion(f"{self.uri(name)}: generation {info.generation}, manifest pinned "
                              f"{e.generation} (the object was replaced)")
+      local = self.storage.on_disk(path)
       if info.crc32c is not None:  # GCS: the server's checksum of this generation
         self._check(name, info.size, info.crc32c)
-      elif self.storage.kind == "local":
+      elif local is not None:  # a local root: checksum the file, streamed
         try:
-          self._check(name, *file_crc32c(self.storage.local_path(path)))
+          self._check(name, *file_crc32c(local))
         except FileNotFoundError:
           raise CorruptVersion(f"{self.uri(name)}: missing") from None
       else:

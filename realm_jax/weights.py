@@ -39,7 +39,8 @@ def part_state(model: nnx.Module, part: str) -> dict[str, Any]:
 def abstract_part(model: nnx.Module, part: str, sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
   """ShapeDtypeStructs for one part (restore target); `sharding` places every leaf."""
   def spec(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if sharding is not None else getattr(x, "sharding", None))
+    where = sharding if sharding is not None else getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
   return jax.tree.map(spec, part_state(model, part))
 
 

@@ -93,8 +93,10 @@ def test_round_trip_is_bit_identical_and_hf_agrees(tmp_path, source, kind):
       q, c = _inputs(rng, 2, L), _inputs(rng, 2, CFG.num_candidates, L)
       out_hf = hf(*_t(*q), candidate_input_ids=torch.from_numpy(c[0]),
                   candidate_attention_mask=torch.from_numpy(c[1]), candidate_token_type_ids=torch.from_numpy(c[2]))
-      np.testing.assert_allclose(np.asarray(model.retriever.embed_queries(*_i32(*q))), out_hf.query_score.numpy(), atol=TOL)
-      np.testing.assert_allclose(np.asarray(model.retriever.embed_docs(*_i32(*c))), out_hf.candidate_score.numpy(), atol=TOL)
+      np.testing.assert_allclose(np.asarray(model.retriever.embed_queries(*_i32(*q))), out_hf.query_score.numpy(),
+                                 atol=TOL)
+      np.testing.assert_allclose(np.asarray(model.retriever.embed_docs(*_i32(*c))), out_hf.candidate_score.numpy(),
+                                 atol=TOL)
     elif kind == "encoder":
       ids, mask, tt = _inputs(rng, 6, L)
       want = hf(*_t(ids, mask, tt)).logits.numpy()

@@ -131,8 +131,9 @@ def test_streaming_memory_stays_far_below_two_copies(tmp_path):
   n, d = 400_000, 128
   prefix = _save(str(tmp_path / "big" / "ckpt"), {"block_emb": np.ones((n, d), np.float32)})
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
-  run = lambda *a: int(subprocess.run([sys.executable, "-c", _CHILD, *a], capture_output=True, text=True,
-                                      env=env, check=True).stdout.split()[-1])
+  def run(*a):
+    return int(subprocess.run([sys.executable, "-c", _CHILD, *a], capture_output=True, text=True,
+                                        env=env, check=True).stdout.split()[-1])
   base = run("baseline")
   peak = run("convert", prefix, str(tmp_path / "root"), "150000")
   size = n * d * 4

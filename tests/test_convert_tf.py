@@ -19,14 +19,13 @@ from transformers.models.realm.modeling_realm import load_tf_weights_in_realm
 from realm_jax import weights
 from realm_jax.cli.main import main
 from realm_jax.config import get_preset
-from realm_jax.convert import hf as hfconv
-from realm_jax.convert import tf as tfconv
+from realm_jax.convert import hf as hfconv, tf as tfconv
 from realm_jax.convert.names import ConversionError
 from realm_jax.models import OpenQAModel, RealmModel
 
 VOCAB = 500
 CFG = get_preset("tiny", **{"bert.vocab_size": VOCAB})
-H, I, S = CFG.bert.hidden_size, CFG.bert.intermediate_size, CFG.span_hidden_size
+H, FF, S = CFG.bert.hidden_size, CFG.bert.intermediate_size, CFG.span_hidden_size
 # Tiny random models, float32, activations O(1): XLA:CPU and PyTorch (oneDNN) kernels of either ISA
 # agree to ~1e-6 (summation order only); 1e-5 leaves room for that and still catches any wrong weight,
 # transpose or op, which moves outputs by 1e-2 or more.
@@ -43,8 +42,8 @@ def bert_vars(scope: str, pooler: bool = True) -> dict[str, tuple]:
     p = f"{scope}encoder/layer_{i}/"
     for d in ("attention/self/query", "attention/self/key", "attention/self/value", "attention/output/dense"):
       out[p + d + "/kernel"], out[p + d + "/bias"] = (H, H), (H,)
-    out[p + "intermediate/dense/kernel"], out[p + "intermediate/dense/bias"] = (H, I), (I,)
-    out[p + "output/dense/kernel"], out[p + "output/dense/bias"] = (I, H), (H,)
+    out[p + "intermediate/dense/kernel"], out[p + "intermediate/dense/bias"] = (H, FF), (FF,)
+    out[p + "output/dense/kernel"], out[p + "output/dense/bias"] = (FF, H), (H,)
     for ln in ("attention/output/LayerNorm", "output/LayerNorm"):
       out[p + ln + "/gamma"], out[p + ln + "/beta"] = (H,), (H,)
   if pooler:
@@ -53,7 +52,8 @@ def bert_vars(scope: str, pooler: bool = True) -> dict[str, tuple]:
 
 
 def mlm_vars(scope: str) -> dict[str, tuple]:
-  return {f"{scope}cls/predictions/transform/dense/kernel": (H, H), f"{scope}cls/predictions/transform/dense/bias": (H,),
+  return {f"{scope}cls/predictions/transform/dense/kernel": (H, H),
+          f"{scope}cls/predictions/transform/dense/bias": (H,),
           f"{scope}cls/predictions/transform/LayerNorm/gamma": (H,),
           f"{scope}cls/predictions/transform/LayerNorm/beta": (H,), f"{scope}cls/predictions/output_bias": (VOCAB,)}
 

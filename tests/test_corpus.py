@@ -137,7 +137,8 @@ def test_lists_and_disambiguation_pages_are_skipped(tmp_path):
           "</text></revision></page>")
   pages = [
       dict(title="Paris", ns=0, redirect="", text=(
-          "'''Paris''' ({{IPA-fr|paʁi}}; {{lang|la|Lutetia}}) is the capital of [[France]].&lt;ref&gt;A source.&lt;/ref&gt; "
+          "'''Paris''' ({{IPA-fr|paʁi}}; {{lang|la|Lutetia}}) is the capital of [[France]]."
+          "&lt;ref&gt;A source.&lt;/ref&gt; "
           "It has {{convert|105|km2}} of area.\n\n== History ==\nIt was founded early.\n"
           "[[File:Paris.jpg|thumb|The [[Seine]] river]]\n[[Category:Capitals]]\n[[de:Paris]]")),
       dict(title="List of cities", ns=0, redirect="", text="Paris, Rome."),
@@ -356,7 +357,8 @@ def test_long_sentences_are_cut_on_token_boundaries(tmp_path, vocab):
   assert all(len(b.title_ids) + len(b.body_ids) + 3 <= 40 for b in blocks)
   assert len(blocks) >= len(tok.encode(words)) // 36
   assert _norm(" ".join(b.text for b in blocks)) == _norm(f"Short one. {words}. End here.")
-  assert np.concatenate([b.body_ids for b in blocks]).tolist() == tok.encode(f"Short one. {words}. End here.").ids.tolist()
+  want = tok.encode(f"Short one. {words}. End here.").ids.tolist()
+  assert np.concatenate([b.body_ids for b in blocks]).tolist() == want
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,19 +1,32 @@
-"""Every experiments/*.py loads into a valid config; the GPU ones fit an 8 x 80 GB node by the estimate."""
+"""Every named experiment (realm_jax/experiments/*.py) loads into a valid config, by name and by
+path; the GPU ones fit an 8 x 80 GB node by the estimate."""
 
 import pathlib
 
 import pytest
 
+import realm_jax
+from realm_jax.errors import ConfigError
 from realm_jax.openqa.config import FinetuneConfig
 from realm_jax.train import memory
-from realm_jax.train.config import TrainConfig, load_config, load_experiment
+from realm_jax.train.config import TrainConfig, experiment_names, load_config, load_experiment
 
-EXPERIMENTS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "experiments").glob("*.py")
+EXPERIMENTS = sorted(p for p in (pathlib.Path(realm_jax.__file__).parent / "experiments").glob("*.py")
                      if p.name != "__init__.py")
 
 
 def test_there_are_experiments():
   assert {"realm_wiki_base", "ict_base", "realm_wiki_gpu", "ict_gpu"} <= {p.stem for p in EXPERIMENTS}
+  assert experiment_names() == [p.stem for p in EXPERIMENTS]
+  with pytest.raises(ConfigError, match="no experiment named 'smok'; the named ones are .*smoke"):
+    load_config("smok")
+
+
+@pytest.mark.parametrize("name", [p.stem for p in EXPERIMENTS])
+def test_experiment_loads_by_name(name):
+  kind = FinetuneConfig if name.startswith("openqa") else TrainConfig
+  assert load_experiment(name, kind) == load_experiment(str(pathlib.Path(realm_jax.__file__).parent / "experiments"
+                                                            / f"{name}.py"), kind)
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)

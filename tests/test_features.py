@@ -125,8 +125,10 @@ def test_batched_forms_stack_the_single_ones(blocks, vocab):
   rd = features.batch_reader_inputs(queries, bodies, 320, tok)
   assert qb["input_ids"].shape == (4, 384) and rd["token_to_body"].shape == (4, 320)
   for i in range(4):
-    np.testing.assert_array_equal(qb["input_ids"][i], features.query_block_inputs(queries[i], bodies[i], 96, 288, tok)["input_ids"])
-    np.testing.assert_array_equal(rd["block_mask"][i], features.reader_inputs(queries[i], bodies[i], 320, tok)["block_mask"])
+    one_qb = features.query_block_inputs(queries[i], bodies[i], 96, 288, tok)
+    np.testing.assert_array_equal(qb["input_ids"][i], one_qb["input_ids"])
+    one_rd = features.reader_inputs(queries[i], bodies[i], 320, tok)
+    np.testing.assert_array_equal(rd["block_mask"][i], one_rd["block_mask"])
   from realm_jax.data.corpus import decode_shard, encode_shard
 
   shard = features.blocks_doc_inputs(decode_shard(encode_shard(blocks)), 288, tok)  # vectorised path
@@ -140,8 +142,8 @@ def test_batched_forms_stack_the_single_ones(blocks, vocab):
 
 @pytest.mark.parametrize("block_len", [288, 64, 8, 3])
 def test_vectorised_shard_path_equals_the_loop(tmp_path, block_len, vocab):
-  from realm_jax.data.corpus import encode_shard, decode_shard
   from realm_jax.data.blocks import Block
+  from realm_jax.data.corpus import decode_shard, encode_shard
 
   tok = load_tokenizer(vocab)
   texts = [("Paris", "Paris is the capital of France."), ("", "A block without a title."),

@@ -13,9 +13,15 @@ from flax import nnx
 from realm_jax.config import get_preset
 from realm_jax.convert import hf as hfconv
 from realm_jax.convert.names import ConversionError
-from realm_jax.models import KnowledgeAugEncoder, RetrieverEmbedder, SpanReader, marginal_log_likelihood
-from realm_jax.models import Retriever, relevance_scores
-from realm_jax.models.reader import openqa_losses, correct_spans, predict_span
+from realm_jax.models import (
+  KnowledgeAugEncoder,
+  Retriever,
+  RetrieverEmbedder,
+  SpanReader,
+  marginal_log_likelihood,
+  relevance_scores,
+)
+from realm_jax.models.reader import correct_spans, openqa_losses, predict_span
 
 VOCAB = 512
 CFG = get_preset("tiny", **{"bert.vocab_size": VOCAB}).replace(num_candidates=4, reader_beam_size=3)
@@ -97,22 +103,22 @@ def test_knowledge_aug_encoder_logits_and_marginal_loss_match_hf(with_mask):
   hfconv.load_state_dict(ours, sd, hfconv.encoder_rules(), skip=hfconv.SKIP_ENCODER, source="RealmKnowledgeAugEncoder")
   ours.eval()
   rng = np.random.default_rng(2)
-  b, c, l = 2, CFG.num_candidates, 32
-  ids, mask, tt = _inputs(rng, b, c, l)
-  labels = rng.integers(5, VOCAB, size=(b, l)).astype(np.int64)
-  mlm_mask = (rng.random((b, l)) < 0.3).astype(np.int64) if with_mask else None
+  b, c, n = 2, CFG.num_candidates, 32
+  ids, mask, tt = _inputs(rng, b, c, n)
+  labels = rng.integers(5, VOCAB, size=(b, n)).astype(np.int64)
+  mlm_mask = (rng.random((b, n)) < 0.3).astype(np.int64) if with_mask else None
   scores = rng.normal(size=(b, c)).astype(np.float32) * 3
   with torch.no_grad():
-    out = hf(*_t(ids.reshape(b * c, l), mask.reshape(b * c, l), tt.reshape(b * c, l)),
+    out = hf(*_t(ids.reshape(b * c, n), mask.reshape(b * c, n), tt.reshape(b * c, n)),
              relevance_score=torch.from_numpy(scores), labels=torch.from_numpy(labels),
              mlm_mask=None if mlm_mask is None else torch.from_numpy(mlm_mask))
   logits = ours(ids.astype(np.int32), mask.astype(np.int32), tt.astype(np.int32))
-  np.testing.assert_allclose(np.asarray(logits).reshape(b * c, l, VOCAB), out.logits.numpy(), atol=TOL, rtol=0)
-  target_mask = np.ones((b, l), np.float32) if mlm_mask is None else mlm_mask.astype(np.float32)
+  np.testing.assert_allclose(np.asarray(logits).reshape(b * c, n, VOCAB), out.logits.numpy(), atol=TOL, rtol=0)
+  target_mask = np.ones((b, n), np.float32) if mlm_mask is None else mlm_mask.astype(np.float32)
   loss, aux = marginal_log_likelihood(logits, labels.astype(np.int32), target_mask, scores)
   np.testing.assert_allclose(float(loss), out.loss.item(), atol=TOL, rtol=1e-6)
   # Gathering the masked positions first gives the same logits as slicing the full ones.
-  pos = np.stack([np.sort(rng.choice(l, 5, replace=False)) for _ in range(b * c)]).reshape(b, c, 5).astype(np.int32)
+  pos = np.stack([np.sort(rng.choice(n, 5, replace=False)) for _ in range(b * c)]).reshape(b, c, 5).astype(np.int32)
   gathered = ours(ids.astype(np.int32), mask.astype(np.int32), tt.astype(np.int32), mlm_positions=pos)
   np.testing.assert_allclose(np.asarray(gathered), np.take_along_axis(np.asarray(logits), pos[..., None], axis=2),
                              atol=TOL, rtol=0)
@@ -144,10 +150,10 @@ def test_reader_matches_hf():
   hfconv.load_state_dict(ours, _sd(hf), hfconv.reader_rules(), skip=hfconv.SKIP_READER, source="RealmReader")
   ours.eval()
   rng = np.random.default_rng(4)
-  r, l = CFG.reader_beam_size, 40
-  ids, mask, tt = _inputs(rng, r, l)
-  block_mask = np.zeros((r, l), bool)
-  block_mask[:, 12:l - 4] = True
+  r, n = CFG.reader_beam_size, 40
+  ids, mask, tt = _inputs(rng, r, n)
+  block_mask = np.zeros((r, n), bool)
+  block_mask[:, 12:n - 4] = True
   relevance = rng.normal(size=(r,)).astype(np.float32)
   starts_gold = np.array([[15, -1], [20, 22], [-1, -1]], np.int64)
   ends_gold = np.array([[17, -1], [20, 25], [-1, -1]], np.int64)

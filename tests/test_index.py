@@ -5,14 +5,13 @@ import numpy as np
 import pytest
 
 from realm_jax import publish
+from realm_jax.data.features import blocks_doc_inputs
 from realm_jax.errors import RealmError
 from realm_jax.retrieval import index as index_lib
 from realm_jax.retrieval.embed import make_embed_fn
 from realm_jax.storage import Storage
-from tests.test_embed import (BLOCK_LEN, CFG, CrashAfter, make_corpus, make_embedder,
-                              reference)
-from realm_jax.data.features import blocks_doc_inputs
 from tests.helpers.ranking import assert_top_k
+from tests.test_embed import BLOCK_LEN, CFG, CrashAfter, make_corpus, make_embedder, reference
 
 
 @pytest.fixture(scope="module")

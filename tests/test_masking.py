@@ -141,7 +141,8 @@ def test_salient_queries_decode_to_the_sentence_with_exactly_the_span_masked():
 
 def test_salient_choice_is_seeded_and_covers_the_spans():
   block = max(wikipedia_blocks(), key=lambda b: len(b.salient_spans))
-  run = lambda seed: masking.salient_span_query(block, np.random.default_rng(seed), SPECIAL)
+  def run(seed):
+    return masking.salient_span_query(block, np.random.default_rng(seed), SPECIAL)
   a, b = run(7), run(7)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])

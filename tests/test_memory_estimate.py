@@ -61,14 +61,15 @@ def test_parts_scale_with_mesh_and_corpus():
   assert accum.optimizer == 3 * accum.params and accum.per_device_batch == 4
   hbm = 32 * 2**30
   b = memory.max_per_device_batch(cfg, 16, 13_353_718, hbm)
-  fits = lambda n: memory.estimate(cfg.replace(batch_size=16 * n), 16, 13_353_718).total <= 0.9 * hbm
+  def fits(n):
+    return memory.estimate(cfg.replace(batch_size=16 * n), 16, 13_353_718).total <= 0.9 * hbm
   assert b >= 1 and fits(b) and not fits(b + 1)
 
 
 def test_parameter_count_matches_the_model():
+  import jax
   from flax import nnx
 
-  import jax
   from realm_jax.models import RealmModel
 
   for cfg in (get_preset("tiny"), get_preset("tiny", share_embedders=False)):

@@ -175,7 +175,8 @@ def test_bfloat16_embeddings():
   index = mips.shard_rows(db, jax.make_mesh((8,), ("rows",)), dtype=jnp.bfloat16)
   assert index.embeddings.dtype == jnp.bfloat16
   res = mips.search(jnp.asarray(q), index, 5, chunk_rows=128)
-  as_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+  def as_bf16(a):
+    return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
   _check(res, as_bf16(q), as_bf16(db), 5)
 
 

@@ -46,7 +46,7 @@ def _script(root: str, overrides: list[str], stop_after: int, resume: bool) -> s
 
 
 def _history(output: str) -> list[dict]:
-  return json.loads(next(l for l in output.splitlines() if l.startswith("HISTORY="))[len("HISTORY="):])
+  return json.loads(next(line for line in output.splitlines() if line.startswith("HISTORY="))[len("HISTORY="):])
 
 
 def test_two_processes_give_the_loss_of_one(corpus_files, tmp_path):

@@ -85,18 +85,54 @@ def test_evaluate_reads_the_real_test_sets(trained, corpus_dir, tmp_path, capsys
   assert all(s["num_questions"] == 5 for s in summaries)
   assert "exact match" in captured and "recall@5" in captured
   for name in ("nq-test", "wq-test", "ct-test", "facts"):
-    rows = [json.loads(l) for l in (out / f"{name}.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
     assert len(rows) == 5
     for r in rows:
       assert {"answer", "block_id", "title", "score", "reader_score", "retriever_score", "correct",
               "first_hit_rank", "retrieved"} <= set(r)
       # Written with 4 decimals to the JSONL: the sum of two rounded numbers is within 1e-4 of the third.
       assert r["score"] == pytest.approx(r["reader_score"] + r["retriever_score"], abs=1e-3)
-  nq = [json.loads(l) for l in (out / "nq-test.jsonl").read_text().splitlines()]
+  nq = [json.loads(line) for line in (out / "nq-test.jsonl").read_text().splitlines()]
   assert [r["question"] for r in nq] == [e.question for e in load_questions("nq-test")[:5]]
-  facts_rows = [json.loads(l) for l in (out / "facts.jsonl").read_text().splitlines()]
+  facts_rows = [json.loads(line) for line in (out / "facts.jsonl").read_text().splitlines()]
   # Every facts question has its answer in exactly one block: recall@16 over 16 blocks is 1.
   assert all(r["first_hit_rank"] is not None for r in facts_rows)
+
+
+def test_evaluate_and_ask_output_in_a_pipe(trained, corpus_dir):
+  """As a CI log sees them: the summary is plain text within 80 columns with short set names, and
+  neither command prints orbax's notes (absl WARNING lines) or anything but its own errors."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": str(repo), "JAX_NUM_CPU_DEVICES": "1"}
+  facts = str(corpus_dir / "facts.jsonl")
+  for argv in (["evaluate", "--storage", trained, "--questions", "nq-test", facts, "--limit", "4", "--batch-size", "4"],
+               ["ask", "Where was Zorblat born?", "--storage", trained]):
+    out = subprocess.run([sys.executable, "-m", "realm_jax", *argv], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "absl" not in out.stderr and "WARNING" not in out.stderr, out.stderr[-3000:]
+    assert all(len(line) <= 80 for line in out.stdout.splitlines()) or argv[0] == "ask", out.stdout
+  table = [line.split()[0] for line in subprocess.run(
+      [sys.executable, "-m", "realm_jax", "evaluate", "--storage", trained, "--questions", facts, "--limit", "2",
+       "--batch-size", "2"], env=env, capture_output=True, text=True, timeout=300).stdout.splitlines()[2:]]
+  assert table == ["facts"], table
+
+
+def test_finetuning_stops_on_a_non_finite_loss(corpus_dir, tmp_path, capsys):
+  root = _root(corpus_dir, tmp_path, "nan")
+  capsys.readouterr()
+  assert _finetune(root, corpus_dir / "facts.jsonl", "--set", "learning_rate=1e30", "checkpoint_every=1") == 2
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("realm-jax finetune: error:")]
+  assert len(errors) == 1 and "non-finite loss at step" in errors[0], errors
+  step = int(errors[0].split("non-finite loss at step ")[1].split()[0])
+  kept = sorted(int(n) for n in Storage.open(root).listdir("checkpoints") if n.isdigit())
+  assert step > 1 and kept == list(range(1, step)), (step, kept)  # every good step saved, the NaN one not
+  assert f"the last checkpoint is step {step - 1}" in errors[0]
 
 
 def test_ask_prints_the_answer_and_its_evidence(trained, capsys):
@@ -137,7 +173,7 @@ def test_evaluate_and_ask_from_converted_weights(trained, tmp_path, capsys):
     out = tmp_path / f"preds{len(extra)}.jsonl"
     assert main(["evaluate", "--storage", trained, "--questions", "wq-test", "--limit", "3", "--out", str(out),
                  *extra]) == 0
-    answers.append([json.loads(l)["answer"] for l in out.read_text().splitlines()])
+    answers.append([json.loads(line)["answer"] for line in out.read_text().splitlines()])
   assert len(answers[0]) == 3 and answers[0] == answers[1]
   encoder_only = tmp_path / "bert"
   weights.save_weights(str(encoder_only), tuned.model, tuned.config, parts=["retriever"])

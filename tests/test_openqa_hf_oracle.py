@@ -22,11 +22,10 @@ from realm_jax.data.corpus import build_corpus
 from realm_jax.data.qa import QAExample
 from realm_jax.models import OpenQAModel
 from realm_jax.openqa import features, loading
-from realm_jax.openqa.config import FinetuneConfig
 from realm_jax.openqa.evaluate import Evaluator
 from realm_jax.openqa.step import finetune_loss, predict
+from realm_jax.parallel import make_mesh
 from realm_jax.storage import Storage
-from realm_jax.train.trainer import make_mesh
 
 NAMES = ["Zorblat", "Quendry", "Mavrik", "Tellosa", "Brundig", "Ossiwen", "Pyrrhane", "Kelvaro", "Drusilde", "Vantrope"]
 CITIES = ["Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Lisbon", "Dublin", "Oslo"]
@@ -78,7 +77,7 @@ def setup(tmp_path_factory):
   hfconv.load_state_dict(model.reader, reader_sd, hfconv.reader_rules("reader."), skip=hfconv.SKIP_READER,
                          source="RealmForOpenQA.reader")
   model.eval()
-  mesh = make_mesh(FinetuneConfig())
+  mesh = make_mesh()
   return dict(hf=hf, tokenizer=tokenizer, model=model, tables=tables, embeddings=embeddings, mesh=mesh)
 
 

@@ -12,21 +12,21 @@ from realm_jax.openqa.config import load_finetune_config
 from realm_jax.openqa.finetune import Finetuner
 from realm_jax.train.config import load_config as load_train_config
 from realm_jax.train.trainer import Trainer
-from tests.test_trainer import OVERRIDES, _fresh_root, corpus_root  # noqa: F401  (module fixture)
+from tests.test_trainer import OVERRIDES, _fresh_root
 
 QUIET = lambda m: None  # noqa: E731
 
 
 def _questions(corpus_root) -> list[QAExample]:
   import json
-  docs = [json.loads(l) for l in (corpus_root / "docs.jsonl").read_text().splitlines()]
+  docs = [json.loads(line) for line in (corpus_root / "docs.jsonl").read_text().splitlines()]
   return [QAExample(d["title"], f"Where was {d['title']} born?", [d["text"].split(" born in ")[1].split(".")[0]])
           for d in docs]
 
 
 def _finetune_config(init: str):
-  return load_finetune_config("openqa_smoke", ["batch_size=8", "async_checkpointing=false", "num_train_steps=4"]).replace(
-      init=init)
+  settings = ["batch_size=8", "async_checkpointing=false", "num_train_steps=4"]
+  return load_finetune_config("openqa_smoke", settings).replace(init=init)
 
 
 def _params(module) -> dict:
@@ -54,7 +54,7 @@ def test_finetuner_starts_from_the_pretrained_retriever_and_encoder(pretrained, 
   lines = []
   tuner = Finetuner(_finetune_config(root), _fresh_root(corpus_root, tmp_path, "ft"), log_fn=lines.append,
                     questions=_questions(corpus_root))
-  assert any("checkpoint step 2" in l for l in lines), lines
+  assert any("checkpoint step 2" in line for line in lines), lines
   retriever = _params(tuner.model.retriever)
   _assert_same(retriever, _params(pre.retriever), "retriever")
   _assert_same(_params(tuner.model.reader.bert), _params(pre.encoder.bert), "reader BERT vs encoder BERT")

@@ -101,13 +101,14 @@ def test_lr_mults_scale_the_update_of_matched_parameters_only():
   # No weight decay here: it reads the (now different) parameters, so later updates would not be
   # exact multiples of each other.
   plain = train(bert_adamw(schedule, weight_decay=0.0))
-  scaled = train(bert_adamw(schedule, weight_decay=0.0, lr_mults=(("^encoder/norm", 0.0), ("^encoder/", 0.25), ("kernel", 2.0))))
-  delta = lambda p, *keys: np.asarray(_get(p, keys)) - _get(params, keys)
+  mults = (("^encoder/norm", 0.0), ("^encoder/", 0.25), ("kernel", 2.0))
+  scaled = train(bert_adamw(schedule, weight_decay=0.0, lr_mults=mults))
+  def delta(p, *keys):
+    return np.asarray(_get(p, keys)) - _get(params, keys)
   np.testing.assert_array_equal(scaled["encoder"]["norm"]["scale"], params["encoder"]["norm"]["scale"])
   # Two float32 runs whose updates differ by an exact factor: rounding of the parameter sums only.
-  np.testing.assert_allclose(delta(scaled, "encoder", "kernel"), 0.25 * delta(plain, "encoder", "kernel"), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(delta(scaled, "retriever", "kernel"), 2.0 * delta(plain, "retriever", "kernel"), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(delta(scaled, "reader", "kernel"), 2.0 * delta(plain, "reader", "kernel"), rtol=1e-4, atol=1e-6)
+  for part, mult in (("encoder", 0.25), ("retriever", 2.0), ("reader", 2.0)):
+    np.testing.assert_allclose(delta(scaled, part, "kernel"), mult * delta(plain, part, "kernel"), rtol=1e-4, atol=1e-6)
   assert np.abs(delta(plain, "encoder", "norm", "scale")).max() > 1e-4  # the freeze did something
 
 

@@ -2,7 +2,7 @@
 a bucket on a real fake-gcs-server): the trainer hot-swaps indices the refresher built from the
 trainer's own checkpoints, finishes, and the refresher exits on TRAINING_DONE.
 
-The helpers here (`Proc`, `corpus_root`, the log parsers) are shared with test_refresh_faults.py.
+The helpers here (`Proc`, `root_with_corpus`, the log parsers) are shared with test_refresh_faults.py.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import numpy as np
 import pytest
 
 from realm_jax import publish
-from realm_jax.data.corpus import build_corpus
 from realm_jax.storage import Storage
-from tests.helpers.facts_corpus import write_documents
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A short CPU run: checkpoints every 3 steps, all kept, so every index can be traced to one; an
@@ -43,14 +41,16 @@ PUBLISHED_RE = re.compile(r"published index (\S+): \d+ blocks x \d+ from checkpo
 # ------------------------------------------------------------------------------------------------
 
 class Proc:
-  """A `python -m realm_jax.cli.main ...` child with its output in a log file (never a pipe)."""
+  """A `python -m realm_jax.cli.main ...` child (or another `module`) with its output in a log file
+  (never a pipe)."""
 
-  def __init__(self, args: list[str], log_path: pathlib.Path, env: dict[str, str], devices: int = 1):
+  def __init__(self, args: list[str], log_path: pathlib.Path, env: dict[str, str], devices: int = 1,
+               module: str = "realm_jax.cli.main"):
     self.log_path = log_path
     env = {**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
            "PYTHONUNBUFFERED": "1"}
     self._log = open(log_path, "ab")
-    self.popen = subprocess.Popen([sys.executable, "-m", "realm_jax.cli.main", *args], cwd=REPO,
+    self.popen = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
                                   env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
   def text(self) -> str:
@@ -97,16 +97,6 @@ def refresher_args(root: str, *extra: str, overrides: list[str] = TRAIN_SET) -> 
           "--poll-seconds", "0.3", "--embed-batch-size", "8", *extra]
 
 
-@pytest.fixture(scope="module")
-def corpus_seed(tmp_path_factory) -> Storage:
-  """The facts corpus (16 blocks of <= 64 tokens, 4 shards, so embedding resumes shard by shard)."""
-  root = tmp_path_factory.mktemp("facts")
-  write_documents(root / "docs.jsonl")
-  build_corpus([str(root / "docs.jsonl")], Storage.open(str(root / "seed")), block_len=64,
-               shard_blocks=4)
-  return Storage.open(str(root / "seed"))
-
-
 def root_with_corpus(seed: Storage, uri: str) -> str:
   """`uri` as a fresh storage root holding a copy of the corpus."""
   dst = Storage.open(uri)
@@ -127,7 +117,7 @@ def checkpoint_steps(storage: Storage) -> set[int]:
 def check_staleness_metric(storage: Storage, swapped: list[tuple[str, str, int, int]]) -> list[dict]:
   """metrics/realm.jsonl and the TensorBoard events carry index_staleness >= 0, equal to
   step - (checkpoint step of the index in use), dropping at every swap."""
-  rows = [json.loads(l) for l in storage.read_bytes("metrics/realm.jsonl").decode().splitlines() if l]
+  rows = [json.loads(line) for line in storage.read_bytes("metrics/realm.jsonl").decode().splitlines() if line]
   stale = {r["step"]: r["index_staleness"] for r in rows}
   assert sorted(stale) == list(range(1, max(stale) + 1))
   assert all(v >= 0 for v in stale.values()), stale
@@ -187,6 +177,7 @@ def _check_embeddings_against_checkpoint(storage: Storage, version: str) -> None
   here, in this process, directly (no EmbedFn, no mesh, no staging)."""
   import jax
   from flax import nnx
+
   from realm_jax.data.corpus import CorpusReader
   from realm_jax.data.features import blocks_doc_inputs
   from realm_jax.models import RealmModel

@@ -1,6 +1,7 @@
 """Crash tests: the refresher SIGKILLed again and again (at random moments and, through
-REALM_JAX_FAULT_PAUSE, inside the narrow windows of a publish) while a real trainer process
-trains; bad index versions put behind LATEST by hand; the trainer SIGKILLed mid-checkpoint.
+REALM_JAX_FAULT_PAUSE and the pausing storage of tests/helpers/pausing_refresher.py, inside the
+narrow windows of a publish) while a real trainer process trains; bad index versions put behind
+LATEST by hand; the trainer SIGKILLed mid-checkpoint.
 
 One trainer process serves the whole scenario (its start-up is the costly part on CPU):
   1. ten refresher kills in a row: after each, LATEST (if any) names a complete version;
@@ -21,8 +22,7 @@ import time
 
 from realm_jax import publish
 from realm_jax.storage import Storage
-from tests.test_refresh_e2e import (REFUSED_RE, SWAP_RE, Proc, corpus_seed, refresher_args,  # noqa: F401
-                                    root_with_corpus, trainer_args)
+from tests.test_refresh_e2e import REFUSED_RE, SWAP_RE, Proc, refresher_args, root_with_corpus, trainer_args
 
 OVERRIDES = ["num_train_steps=100000", "checkpoint_every=3", "index_poll_seconds=0.3",
              "batch_size=8", "log_every=1", "keep_checkpoints=8", "keep_index_versions=3"]
@@ -47,9 +47,12 @@ def _kill_refresher_ten_times(root, tmp_path, env, trainer, rng) -> list[dict]:
   storage = Storage.open(root)
   kills = []
   for i, point in enumerate(SCHEDULE):
-    penv = dict(env) if point == "random" else {**env, "REALM_JAX_FAULT_PAUSE": point}
-    ref = Proc(refresher_args(root, overrides=OVERRIDES), tmp_path / f"refresher-{i}.log", penv,
-               devices=2)
+    args = refresher_args(root, overrides=OVERRIDES)
+    if point == "random":  # the real command
+      ref = Proc(args, tmp_path / f"refresher-{i}.log", env, devices=2)
+    else:  # the same command on a storage that pauses at `point`
+      ref = Proc(args[1:], tmp_path / f"refresher-{i}.log", {**env, "REALM_JAX_FAULT_PAUSE": point}, devices=2,
+                 module="tests.helpers.pausing_refresher")
     try:
       if point == "random":  # anywhere from the restore to the end of the publish
         ref.wait_for(r"checkpoint step \d+: restoring", timeout=180)
@@ -162,6 +165,7 @@ def _write_checkpoint(root: str, cfg, step: int, seed: int) -> None:
   """A trainer-format checkpoint (the real Checkpoints class) of a freshly initialised model."""
   import optax
   from flax import nnx
+
   from realm_jax.models import RealmModel
   from realm_jax.train.checkpoints import Checkpoints
 
@@ -176,6 +180,7 @@ def test_refresher_in_process_conflict_config_and_stop(corpus_seed, tmp_path):
   """Lost publish race skipped (not fatal), a mismatched model config refused by name, and the
   loop's two exits (--max-versions, TRAINING_DONE)."""
   import pytest
+
   from realm_jax.refresh.refresher import Refresher, RefreshError, RefreshOptions
   from realm_jax.train.config import load_config
 
@@ -185,24 +190,29 @@ def test_refresher_in_process_conflict_config_and_stop(corpus_seed, tmp_path):
   _write_checkpoint(root, cfg, 2, seed=1)
   _write_checkpoint(root, cfg, 4, seed=2)
   lines: list[str] = []
-  refresher = Refresher(cfg, root, RefreshOptions(max_versions=1, poll_seconds=0.1,
-                                                  embed_batch_size=8), log_fn=lines.append)
+  refresher = Refresher(root, RefreshOptions(max_versions=1, poll_seconds=0.1, embed_batch_size=8),
+                        log_fn=lines.append)  # the config comes from the checkpoints
+  assert refresher.cfg is None
   assert refresher.next_step() == 4  # the newest finalized step newer than (no) index
   result = refresher.run()
+  assert refresher.cfg == cfg
   assert result.reason == "max versions" and [i.step for i in result.published] == [4]
   assert publish.open_latest(storage, "index").metadata["step"] == 4
   assert refresher.next_step() is None
   # A publish that loses the race (LATEST already names a newer version) is skipped.
   assert refresher.refresh(2) is None
-  assert any("another publisher got there first" in l for l in lines), lines
+  assert any("another publisher got there first" in line for line in lines), lines
   assert publish.open_latest(storage, "index").metadata["step"] == 4
   # TRAINING_DONE stops the loop before anything more is published.
   _write_checkpoint(root, cfg, 6, seed=3)
   storage.write_bytes("TRAINING_DONE", b"6\n")
-  done = Refresher(cfg, root, RefreshOptions(poll_seconds=0.1, embed_batch_size=8),
+  done = Refresher(root, RefreshOptions(poll_seconds=0.1, embed_batch_size=8), config=cfg,
                    log_fn=lines.append).run()
   assert done.reason == "training done" and done.published == []
-  # A refresher configured for another model refuses the checkpoint, naming both fingerprints.
-  other = load_config("smoke", ["model.retriever_dim=64"])
-  with pytest.raises(RefreshError, match=r"checkpoints/6: the trainer's model config"):
-    Refresher(other, root, RefreshOptions(embed_batch_size=8), log_fn=lines.append).refresh(6)
+  # A config or override that contradicts the checkpoint's is refused, naming the field.
+  other = load_config("smoke", ["keep_index_versions=5", "model.retriever_dim=64"])
+  with pytest.raises(RefreshError, match=r"checkpoints/6: --config/--set give model\.retriever_dim=64, the trainer "
+                     r"ran with model\.retriever_dim=128"):
+    Refresher(root, RefreshOptions(embed_batch_size=8), config=other).refresh(6)
+  with pytest.raises(RefreshError, match=r"give keep_index_versions=2, the trainer ran with keep_index_versions=5"):
+    Refresher(root, RefreshOptions(embed_batch_size=8), overrides=["keep_index_versions=2"]).refresh(6)

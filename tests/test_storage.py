@@ -15,8 +15,7 @@ import pytest
 
 from realm_jax import storage as storage_lib
 from realm_jax.errors import RealmError
-from realm_jax.storage import (GenerationMismatch, ObjectExists, ObjectNotFound, Storage,
-                               StorageError)
+from realm_jax.storage import GenerationMismatch, ObjectExists, ObjectNotFound, Storage, StorageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

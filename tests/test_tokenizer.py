@@ -13,8 +13,13 @@ import pytest
 from realm_jax.data import sources
 from realm_jax.data.corpus import split_sentences
 from realm_jax.data.documents import read_mediawiki
-from realm_jax.data.tokenizer import (SentencePieceTokenizer, TokenizerError, WordPieceTokenizer,
-                                      load_tokenizer, train_sentencepiece)
+from realm_jax.data.tokenizer import (
+  SentencePieceTokenizer,
+  TokenizerError,
+  WordPieceTokenizer,
+  load_tokenizer,
+  train_sentencepiece,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +142,8 @@ def test_sentencepiece_round_trip_through_files(spm_tok, tmp_path):
     again = load_tokenizer(spec)
     assert isinstance(again, SentencePieceTokenizer)
     assert again.spec() == spm_tok.spec()
-    assert again.encode("Aristotle taught Alexander").ids.tolist() == spm_tok.encode("Aristotle taught Alexander").ids.tolist()
+    text = "Aristotle taught Alexander"
+    assert again.encode(text).ids.tolist() == spm_tok.encode(text).ids.tolist()
 
 
 def test_sentencepiece_refuses_empty_input(tmp_path):

@@ -212,7 +212,7 @@ def test_install_ships_the_checkout_to_every_worker(tmp_path):
     names = {m.name for m in tar.getmembers() if m.isfile()}
   committed = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.split()
-  assert names == set(committed) and {"setup.py", "realm_jax/cli/main.py"} <= names
+  assert names == set(committed) and {"pyproject.toml", "realm_jax/cli/main.py"} <= names
 
 
 def test_install_from_pypi_ships_only_the_configs(tmp_path):

@@ -6,23 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
-from realm_jax.data.corpus import build_corpus
 from realm_jax.storage import Storage
-from tests.helpers.facts_corpus import write_documents
 
 OVERRIDES = ["batch_size=8", "num_train_steps=40", "log_every=1", "checkpoint_every=2",
              "index_refresh=none", "async_checkpointing=false"]
-
-
-@pytest.fixture(scope="module")
-def corpus_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("facts")
-  write_documents(root / "docs.jsonl")
-  build_corpus([str(root / "docs.jsonl")], Storage.open(str(root / "seed")), block_len=64)
-  return root
 
 
 def _fresh_root(corpus_root, tmp_path, name):
@@ -45,7 +36,7 @@ def _run_in_subprocess(root: str, devices: int, steps: int) -> list[dict]:
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  line = next(l for l in out.stdout.splitlines() if l.startswith("HISTORY="))
+  line = next(line for line in out.stdout.splitlines() if line.startswith("HISTORY="))
   return json.loads(line[len("HISTORY="):])
 
 
@@ -65,7 +56,8 @@ def test_resume_continues_exactly(corpus_root, tmp_path):
   from realm_jax.train.trainer import Trainer
 
   cfg = load_config("smoke", OVERRIDES)
-  quiet = lambda m: None
+  def quiet(m):
+    return None
   straight = Trainer(cfg, _fresh_root(corpus_root, tmp_path, "straight"), log_fn=quiet, stop_after=6).run()
   root = _fresh_root(corpus_root, tmp_path, "interrupted")
   first = Trainer(cfg, root, log_fn=quiet, stop_after=4).run()
@@ -82,7 +74,7 @@ def test_resume_continues_exactly(corpus_root, tmp_path):
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=1e-5)
   # Metrics reach the storage root as JSONL (one row per logged step) and TensorBoard events.
   storage = Storage.open(root)
-  rows = [json.loads(l) for l in storage.read_bytes("metrics/realm.jsonl").decode().splitlines()]
+  rows = [json.loads(line) for line in storage.read_bytes("metrics/realm.jsonl").decode().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert all(r["index_staleness"] == r["step"] for r in rows)  # one index, built at step 0
   assert any(p.startswith("metrics/tb-realm/events.out.tfevents") for p in storage.list("metrics"))
@@ -115,3 +107,30 @@ def test_ict_warm_start_trains_the_retriever(corpus_root, tmp_path):
   assert result.step == 6  # 3 optimizer steps x 2 micro-batches
   assert all(0.0 <= h["ict_accuracy"] <= 1.0 and np.isfinite(h["loss"]) for h in result.history)
   assert Storage.open(root).exists("TRAINING_DONE")
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus_root, tmp_path, capsys):
+  """A learning rate of 1e30 (the warmup makes step 1's zero) blows the weights up in step 2: step
+  3's loss is NaN. The CLI stops with one line naming step 3, and step 2's checkpoint stays the
+  newest, finite and restorable."""
+  from flax import nnx
+
+  from realm_jax.cli.main import main
+  from realm_jax.models import RealmModel
+  from realm_jax.train.checkpoints import Checkpoints
+  from realm_jax.train.config import load_config
+
+  root = _fresh_root(corpus_root, tmp_path, "nan")
+  overrides = OVERRIDES + ["checkpoint_every=1", "learning_rate=1e30"]
+  capsys.readouterr()
+  assert main(["pretrain", "--config", "smoke", "--storage", root, "--set", *overrides]) == 2
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("realm-jax pretrain: error:")]
+  assert len(errors) == 1, errors
+  assert "non-finite loss at step 3" in errors[0] and "the last checkpoint is step 2" in errors[0], errors[0]
+  ckpt = Checkpoints(Storage.open(root).uri("checkpoints"), read_only=True)
+  assert ckpt.all_steps() == [1, 2]  # nothing of the NaN state was saved
+  model = RealmModel(load_config("smoke", overrides).model, rngs=nnx.Rngs(7))
+  for part in ("retriever", "encoder"):
+    ckpt.restore_part(2, model, part)
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert params and all(np.isfinite(np.asarray(p)).all() for p in params)

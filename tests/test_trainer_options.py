@@ -11,10 +11,11 @@ from realm_jax.convert import hf as hfconv
 from realm_jax.data import sources
 from realm_jax.retrieval import index as index_lib
 from realm_jax.storage import Storage
+from realm_jax.train import inputs
 from realm_jax.train.config import load_config
 from realm_jax.train.trainer import Trainer
 from tests.helpers.ranking import assert_top_k
-from tests.test_trainer import OVERRIDES, _fresh_root, corpus_root  # noqa: F401  (module fixture)
+from tests.test_trainer import OVERRIDES, _fresh_root
 
 QUIET = lambda m: None  # noqa: E731
 
@@ -62,8 +63,8 @@ def test_fsdp_shards_params_and_matches_replicated_losses(corpus_root, tmp_path)
                              rtol=2e-3)
   # The trained weights agree too (FSDP changes the layout, not the arithmetic).
   sharded_kernel = trainer.model.encoder.bert.layers[0].intermediate.kernel[...]
-  np.testing.assert_allclose(np.asarray(sharded_kernel), np.asarray(plain.model.encoder.bert.layers[0].intermediate.kernel[...]),
-                             rtol=1e-4, atol=1e-6)
+  plain_kernel = plain.model.encoder.bert.layers[0].intermediate.kernel[...]
+  np.testing.assert_allclose(np.asarray(sharded_kernel), np.asarray(plain_kernel), rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def test_scann_retrieval_matches_device_retrieval(corpus_root, tmp_path):
   emb = index_lib.load_index(Storage.open(root)).embeddings
   assert emb.shape[0] == 16 and trainer.active.searcher.info.kind == "brute_force"
   # The candidates ScaNN feeds the step are the exact top-k (own block excluded) of numpy.
-  batch = trainer._global_batch(next(iter(trainer.loader)))
+  batch = inputs.global_batch(next(iter(trainer.loader)), trainer.batch_sharding, trainer.same_corpus)
   trainer._scann_candidates(batch)
   q = np.asarray(trainer._embed_queries(nnx.state(trainer.model), batch["input_ids"], batch["attention_mask"],
                                         batch["token_type_ids"]))
@@ -122,7 +123,7 @@ def test_minilm_init_loads_the_packaged_bert(corpus_root, tmp_path, layers):
   lines = []
   trainer = Trainer(cfg, _fresh_root(corpus_root, tmp_path, f"minilm{layers}"), log_fn=lines.append)
   try:
-    assert any("MiniLM" in l for l in lines), lines
+    assert any("MiniLM" in line for line in lines), lines
     sd = hfconv.read_state_dict(sources.minilm_dir())
     for bert in (trainer.model.retriever.query_embedder.bert, trainer.model.encoder.bert):
       assert len(bert.layers) == layers

@@ -4,7 +4,7 @@
 Each worker gets a Python 3.11 virtualenv in ~/realm-venv (jax 0.10 needs Python >= 3.11; the
 TPU images ship 3.10) and the experiment configs in ~/realm-jax. `--from checkout` (default)
 ships `git archive REF` of this checkout and pip-installs it; `--from pypi` pip-installs a
-released version and ships only experiments/.
+released version (with its named experiments) and ships only experiments/ (your own configs).
 
 Example: tpu/install.py --project my-proj --zone us-central2-b --train-type v4-32 \\
              --refresh-type v4-8 --dry-run

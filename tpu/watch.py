@@ -153,7 +153,7 @@ def queued_state(runner: _kit.Runner, t: _kit.Target) -> str:
 
 def print_plan(args: argparse.Namespace, watched: list[Watched]) -> None:
   """The dry-run: the commands of one pass of the loop, each branch under a comment."""
-  print(f"# once: build the source tarball for re-installs")
+  print("# once: build the source tarball for re-installs")
   print(shlex.join(install.archive_command(args.install_from, "HEAD", args.staging_dir)))
   for w in watched:
     t = w.target

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("ask", help="answer a question with a fine-tuned Open-QA model",
+  p = sub.add_parser("ask", help="Answer a question with a fine-tuned Open-QA model",
                      description="Retrieve, read and print the best answer with its evidence block.")
   p.add_argument("question", help="the question, in quotes")
   p.add_argument("--storage", required=True, help="fine-tuning storage root (corpus, index, checkpoints)")

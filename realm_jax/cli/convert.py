@@ -14,8 +14,7 @@ def _convert_tf(args: argparse.Namespace) -> int:
 
 
 def _convert_hf(args: argparse.Namespace) -> int:
-  from realm_jax.convert import export_hf
-  from realm_jax.convert import tf as tfconv
+  from realm_jax.convert import export_hf, tf as tfconv
 
   config = tfconv.parse_config(args.config) if args.config else None
   export_hf.convert_hf(args.path, args.out, kind=args.kind, config=config)
@@ -23,9 +22,7 @@ def _convert_hf(args: argparse.Namespace) -> int:
 
 
 def _convert_index(args: argparse.Namespace) -> int:
-  from realm_jax.convert import index
-
-  from realm_jax.convert import tf as tfconv
+  from realm_jax.convert import index, tf as tfconv
 
   config = tfconv.parse_config(args.config) if args.config else None
   index.convert_index(args.checkpoint, args.storage, var=args.var, blocks=args.blocks, titles=args.titles,
@@ -42,8 +39,7 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-  from realm_jax.convert.export_hf import EXPORT_KINDS, HF_KINDS
-  from realm_jax.convert.tf import KINDS
+  from realm_jax.convert.names import EXPORT_KINDS, HF_KINDS, TF_KINDS
 
   parser = sub.add_parser("convert", help="Convert TF/HF REALM, ORQA or BERT weights (and the ORQA index) to realm-jax")
   cmds = parser.add_subparsers(dest="convert_command", metavar="SOURCE", required=True)
@@ -53,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "module and the encoder checkpoint for --kind realm). Optimizer slots are skipped.")
   tf.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
                   help="checkpoint prefix, Estimator dir or TF-Hub module dir (local or storage URI); repeatable")
-  tf.add_argument("--kind", required=True, choices=KINDS)
+  tf.add_argument("--kind", required=True, choices=TF_KINDS)
   tf.add_argument("--out", required=True, metavar="URI", help="new weights directory (local or gs://)")
   tf.add_argument("--config", help="preset name, JSON file or inline JSON (default: inferred from shapes)")
   tf.set_defaults(func=_convert_tf)

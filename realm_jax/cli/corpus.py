@@ -8,12 +8,14 @@ import sys
 
 
 def _build(args: argparse.Namespace) -> int:
+  from realm_jax.cli.progress import blocks_bar
   from realm_jax.data.corpus import build_corpus
 
-  manifest = build_corpus(args.input, args.storage, prefix=args.prefix, tokenizer=args.tokenizer,
-                          block_len=args.block_len, tagger=args.tagger, shard_blocks=args.shard_blocks,
-                          overwrite=args.overwrite, progress=not args.quiet, workers=args.workers,
-                          title_spans=not args.no_title_spans)
+  with blocks_bar("building corpus", enabled=not args.quiet) as progress:
+    manifest = build_corpus(args.input, args.storage, prefix=args.prefix, tokenizer=args.tokenizer,
+                            block_len=args.block_len, tagger=args.tagger, shard_blocks=args.shard_blocks,
+                            overwrite=args.overwrite, progress=progress, workers=args.workers,
+                            title_spans=not args.no_title_spans)
   s = manifest["stats"]
   frac = s["sentences_with_salient"] / max(1, s["sentences"])
   print(f"wrote {manifest['num_blocks']:,} blocks in {len(manifest['shards'])} shards to "

@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
   from realm_jax.demo.ui import ConsoleUI
   from realm_jax.storage import Storage
 
-  logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
-  logging.getLogger("absl").setLevel(logging.ERROR)
-  logging.getLogger("realm_jax.openqa").setLevel(logging.ERROR)  # long trivia questions get truncated
+  if getattr(args, "log_level", None) is None:  # the console UI shows the run's lines itself
+    logging.getLogger("realm_jax").setLevel(logging.WARNING)
+    logging.getLogger("realm_jax.openqa").setLevel(logging.ERROR)  # long trivia questions get truncated
   recipe = RECIPES["quick" if args.quick else "full"]()
   workdir = pathlib.Path(args.workdir) if args.workdir else sources.cache_dir() / (
       "demo-quick" if args.quick else "demo")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import pathlib
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-  p = sub.add_parser("evaluate", help="exact match and recall@k of a fine-tuned Open-QA model",
+  p = sub.add_parser("evaluate", help="Exact match and recall@k of a fine-tuned Open-QA model",
                      description="Answer question sets in batches on the mesh; report exact match (SQuAD "
                      "normalisation; regex match for CuratedTrec) and recall@k of the retrieved blocks.")
   p.add_argument("--storage", required=True, help="fine-tuning storage root (corpus, index, checkpoints)")
@@ -29,18 +28,61 @@ def _out_path(out: str, name: str, many: bool) -> str:
   path = pathlib.Path(out)
   if not many and path.suffix == ".jsonl":
     return str(path)
-  return str(path / f"{pathlib.Path(name).stem if pathlib.Path(name).suffix else name}.jsonl")
+  return str(path / f"{short_name(name)}.jsonl")
+
+
+def short_name(name: str) -> str:
+  """A question set as a table shows it: its short name (`nq-test`), or a file's stem."""
+  path = pathlib.Path(name)
+  return path.stem if path.suffix or len(path.parts) > 1 else name
+
+
+def plain_table(summaries, width: int = 80) -> str:
+  """The summaries as plain text that fits `width` columns (logs, files, CI): one row per set."""
+  ks = sorted({k for s in summaries for k in s.recall})
+  heads = ["questions", "exact match"] + [f"recall@{k}" for k in ks] + ["q/s"]
+  rows = [[str(s.num_questions), f"{100 * s.exact_match:.1f}"]
+          + [f"{100 * s.recall[k]:.1f}" if k in s.recall else "-" for k in ks] + [f"{s.questions_per_second:.1f}"]
+          for s in summaries]
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+  room = max(8, width - sum(w + 1 for w in widths))
+  names = [short_name(s.name) for s in summaries]
+  names = [n if len(n) <= room else n[:room - 1] + "~" for n in names]
+  name_w = max(3, *(len(n) for n in names))
+
+  def line(first: str, cells: list[str]) -> str:
+    return " ".join([first.ljust(name_w)] + [c.rjust(w) for c, w in zip(cells, widths)])
+
+  return "\n".join(["Open-QA evaluation (exact match and recall@k in %)", line("set", heads)]
+                   + [line(n, r) for n, r in zip(names, rows)])
+
+
+def print_summaries(summaries) -> None:
+  """A rich table on a terminal, plain text (80 columns) when the output is a file or a pipe."""
+  import sys
+
+  if not sys.stdout.isatty():
+    print(plain_table(summaries), flush=True)
+    return
+  from rich.console import Console
+  from rich.table import Table
+
+  ks = sorted({k for s in summaries for k in s.recall})
+  table = Table(title="Open-QA evaluation")
+  for col in ["set", "questions", "exact match"] + [f"recall@{k}" for k in ks] + ["questions/s"]:
+    table.add_column(col, justify="left" if col == "set" else "right")
+  for s in summaries:
+    table.add_row(short_name(s.name), str(s.num_questions), f"{100 * s.exact_match:.1f}",
+                  *[f"{100 * s.recall[k]:.1f}" if k in s.recall else "-" for k in ks], f"{s.questions_per_second:.1f}")
+  Console().print(table)
 
 
 def run(args: argparse.Namespace) -> int:
-  from rich.console import Console
-
   from realm_jax.data.qa import load_questions
   from realm_jax.errors import ConfigError
   from realm_jax.openqa import evaluate as ev
   from realm_jax.openqa.loading import load_for_answering
 
-  logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
   if args.limit is not None and args.limit < 1:
     raise ConfigError(f"--limit must be >= 1, got {args.limit}")
   sets = [(name, load_questions(name)[:args.limit]) for name in args.questions]  # fail fast on bad files
@@ -53,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     summaries.append(summary)
     if args.out:
       ev.write_predictions(_out_path(args.out, name, len(sets) > 1), preds)
-  Console().print(ev.summary_table(summaries))
+  print_summaries(summaries)
   if args.json:
     print(json.dumps([s.to_dict() for s in summaries]))
   return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -11,29 +10,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                      description="Fine-tune the query tower and the reader on question/answer pairs; the "
                      "document index is built once from the initial document tower (or the published one "
                      "is used) and stays frozen.")
-  p.add_argument("--config", default="openqa_smoke", help="experiment file or name under experiments/ "
-                 "(openqa_nq, openqa_wq, openqa_ct, openqa_smoke; default openqa_smoke)")
-  p.add_argument("--storage", required=True, help="storage root with the corpus: gs://bucket/run, file:///path or a path")
+  p.add_argument("--config", default="openqa_smoke",
+                 help="named experiment (openqa_nq, openqa_wq, openqa_ct, openqa_smoke; default openqa_smoke) "
+                 "or a .py/.json path")
+  p.add_argument("--storage", required=True,
+                 help="storage root with the corpus: gs://bucket/run, file:///path or a path")
   p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                  help="override a config field, e.g. --set train_questions=nq-train.jsonl --set init=gs://b/pretrain")
   p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the root")
-  p.add_argument("--index", default=None, help="index version to retrieve from (default: the checkpoint's, else LATEST)")
+  p.add_argument("--index", default=None,
+                 help="index version to retrieve from (default: the checkpoint's, else LATEST)")
   p.add_argument("--stop-after", type=int, default=None, help="run at most this many steps now")
   p.add_argument("--eval-out", default=None, help="with eval_questions set: write predictions JSONL here")
   p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-  from rich.console import Console
-
+  from realm_jax.cli.evaluate import print_summaries
   from realm_jax.data.qa import load_questions
   from realm_jax.openqa import evaluate as ev
   from realm_jax.openqa.config import load_finetune_config
   from realm_jax.openqa.finetune import Finetuner
   from realm_jax.retrieval import index as index_lib
 
-  logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
-  logging.getLogger("realm_jax").setLevel(logging.INFO)
   cfg = load_finetune_config(args.config, args.set)
   tuner = Finetuner(cfg, args.storage, resume=args.resume, stop_after=args.stop_after, index_version=args.index)
   result = tuner.run()
@@ -45,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
     preds, summary = evaluator.evaluate(examples, cfg.eval_questions)
     if args.eval_out:
       ev.write_predictions(args.eval_out, preds)
-    Console().print(ev.summary_table([summary]))
+    print_summaries([summary])
   return 0

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
   @nnx.jit
   def step(model, q, d, j, targets, positions):
-    ones = lambda x: jnp.ones_like(x)
+    def ones(x):
+      return jnp.ones_like(x)
     qe = model.retriever.embed_queries(q, ones(q), 0 * q)
     de = model.retriever.embed_docs(d, ones(d), 0 * d)
     scores = relevance_scores(qe, de)

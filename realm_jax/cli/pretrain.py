@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 
 def _add(sub: argparse._SubParsersAction, name: str, help_text: str, task: str, default_config: str) -> None:
   p = sub.add_parser(name, help=help_text, description=help_text)
   p.add_argument("--config", default=default_config,
-                 help=f"experiment file or name under experiments/ (default {default_config})")
+                 help=f"named experiment (realm_jax/experiments; default {default_config}) or a .py/.json path")
   p.add_argument("--storage", required=True, help="storage root URI: gs://bucket/run, file:///path or a path")
   p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the root")
   p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -30,14 +29,14 @@ def run(args: argparse.Namespace, task: str) -> int:
   from realm_jax.train.config import load_config
   from realm_jax.train.trainer import Trainer
 
-  logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
-  logging.getLogger("realm_jax").setLevel(logging.INFO)
   overrides = list(args.set)
   if args.synchronous_refresh:
     overrides.append("index_refresh=sync")
   cfg = load_config(args.config, overrides)
   if cfg.task != task:
-    raise ConfigError(f"{args.config} is a {cfg.task!r} config; use `realm-jax {'ict' if cfg.task == 'ict' else 'pretrain'}`")
+    command = "ict" if cfg.task == "ict" else "pretrain"
+    raise ConfigError(f"{args.config} is a {cfg.task!r} config; use `realm-jax {command}`")
   result = Trainer(cfg, args.storage, resume=args.resume, stop_after=args.stop_after).run()
-  print(f"realm-jax {args.command}: finished at step {result.step}; index versions used: {len(result.index_versions)}")
+  print(f"realm-jax {args.command}: finished at step {result.step}; index versions used: {len(result.index_versions)}",
+        flush=True)
   return 0

@@ -23,14 +23,12 @@ from flax import nnx
 from realm_jax import weights
 from realm_jax.config import RealmConfig
 from realm_jax.convert import hf as hfc
-from realm_jax.convert.names import ConversionError
+from realm_jax.convert.names import EXPORT_KINDS, ConversionError
 from realm_jax.convert.tf import Towers
 
 ARCHS = {"RealmEmbedder": "embedder", "RealmScorer": "scorer", "RealmKnowledgeAugEncoder": "encoder",
          "RealmReader": "reader", "RealmForOpenQA": "orqa", "BertModel": "bert", "BertForPreTraining": "bert",
          "BertForMaskedLM": "bert"}
-HF_KINDS = ("embedder", "scorer", "encoder", "reader", "orqa", "bert")
-EXPORT_KINDS = ("embedder", "scorer", "encoder", "reader", "orqa", "realm")
 HF_CLASS = {"embedder": "RealmEmbedder", "scorer": "RealmScorer", "encoder": "RealmKnowledgeAugEncoder",
             "reader": "RealmReader", "orqa": "RealmForOpenQA"}
 PARTS = {"embedder": ["retriever"], "scorer": ["retriever"], "encoder": ["encoder"], "reader": ["reader"],

@@ -175,7 +175,8 @@ class RowReader:
     if e.sliced:
       raise IndexConversionError(f"{prefix}: {var} was saved partitioned; re-save it whole")
     if e.dtype is None or len(e.shape) != 2:
-      raise IndexConversionError(f"{prefix}: {var} has shape {e.shape} and dtype {e.dtype}; expected a 2-D numeric array")
+      raise IndexConversionError(f"{prefix}: {var} has shape {e.shape} and dtype {e.dtype}; "
+                                 "expected a 2-D numeric array")
     if e.size != int(np.prod(e.shape)) * e.dtype.itemsize:
       raise IndexConversionError(f"{prefix}: {var} holds {e.size} bytes, not {e.shape} x {e.dtype}")
     self.entry, self.shape, self.dtype = e, e.shape, e.dtype
@@ -336,8 +337,7 @@ def convert_index(checkpoint: str, storage_uri: str, *, var: str = "block_emb", 
   """
   from realm_jax import publish
   from realm_jax.config import get_preset
-  from realm_jax.retrieval import embed as embed_lib
-  from realm_jax.retrieval import index as index_lib
+  from realm_jax.retrieval import embed as embed_lib, index as index_lib
   from realm_jax.storage import Storage
 
   if rows_per_shard < 1 or chunk_rows < 1:
@@ -382,7 +382,7 @@ def convert_index(checkpoint: str, storage_uri: str, *, var: str = "block_emb", 
       from realm_jax.retrieval import scann_index
       t1 = time.perf_counter()
       emb = np.empty((rows, dim), np.float32)  # the one in-memory copy ScaNN needs
-      for (name, r), (s, e) in zip(names, bounds):
+      for (name, _r), (s, e) in zip(names, bounds):
         emb[s:e] = np.load(emb_dir / name, mmap_mode="r")
       searcher = scann_index.build_searcher(emb, scann_index.ScannConfig())
       del emb

@@ -16,6 +16,12 @@ class ConversionError(RealmError):
   """A checkpoint does not match the target model (missing, unexpected or mis-shaped weights)."""
 
 
+# What each converter reads or writes (jax-free, so `realm-jax --help` can list them cheaply).
+TF_KINDS = ("embedder", "scorer", "encoder", "orqa", "realm")  # `convert tf --kind`
+HF_KINDS = ("embedder", "scorer", "encoder", "reader", "orqa", "bert")  # `convert hf --kind`
+EXPORT_KINDS = ("embedder", "scorer", "encoder", "reader", "orqa", "realm")  # `export hf --kind`
+
+
 # Our leaf name -> HF leaf name, per module kind.
 _LINEAR = {"kernel": "weight", "bias": "bias"}
 _NORM = {"scale": "weight", "bias": "bias"}

@@ -26,11 +26,11 @@ from flax import nnx
 
 from realm_jax.config import BertConfig, RealmConfig, get_preset
 from realm_jax.convert.hf import Rule, _nest, match_rules
-from realm_jax.convert.names import ConversionError, bert_name, hf_to_tf
+from realm_jax.convert.names import TF_KINDS, ConversionError, bert_name, hf_to_tf
 from realm_jax.errors import ConfigError
 from realm_jax.models import KnowledgeAugEncoder, Retriever, SpanReader
 
-KINDS = ("embedder", "scorer", "encoder", "orqa", "realm")
+KINDS = TF_KINDS
 
 # Parts of our weights format each kind produces.
 KIND_PARTS = {"embedder": ["retriever"], "scorer": ["retriever"], "encoder": ["encoder"],
@@ -66,7 +66,7 @@ def _fail(msg: str) -> ConversionError:
 def _import_tf():
   try:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("EPATH_USE_TF", "false")  # keep etils/orbax on gcsfs (DESIGN §7)
+    os.environ.setdefault("EPATH_USE_TF", "false")  # keep etils/orbax on gcsfs (docs/DESIGN.md §6)
     import tensorflow as tf
   except ImportError as e:
     raise ConversionError("reading TF checkpoints needs TensorFlow: pip install 'realm-jax[convert]' "
@@ -103,7 +103,8 @@ def local_checkpoint(uri: str) -> Iterator[str]:
     return
   parent, _, base = uri.rstrip("/").rpartition("/")
   store = Storage.open(parent)
-  rel = lambda p: p[len(parent) + 1:]
+  def rel(p):
+    return p[len(parent) + 1:]
   prefix = _resolve_prefix(lambda p: store.exists(rel(p)), lambda p: store.read_bytes(rel(p)).decode(), uri)
   head, _, stem = rel(prefix).rpartition("/")
   with tempfile.TemporaryDirectory(prefix="realm-tf-ckpt-") as tmp:

@@ -7,8 +7,9 @@ Block ids are consecutive from 0 in input order (row i of the index embeds block
 
 Layout under `<root>/<prefix>/` (default prefix `corpus`):
   shard-00000.npz ...   one per `shard_blocks` blocks, written as each fills (bounded memory);
-                        `np.savez` (no pickle): `block_ids` int64, and for each ragged field a
-                        flat array plus `<field>_splits` int64 [n+1] row boundaries:
+                        `np.savez` (no pickle; `data/shards.py`): `block_ids` int64, and for
+                        each ragged field a flat array plus `<field>_splits` int64 [n+1] row
+                        boundaries:
                         `title_ids`, `body_ids` int32; `body_offsets`, `sentences`,
                         `salient_spans` int32 [., 2] (char offsets into the block text);
                         `titles`, `texts` as UTF-8 bytes (uint8).
@@ -20,77 +21,22 @@ Layout under `<root>/<prefix>/` (default prefix `corpus`):
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from realm_jax.data.blocks import Block
 from realm_jax.data.documents import Document, read_documents
 from realm_jax.data.salient import Tagger, get_tagger, title_mentions
+from realm_jax.data.sentences import split_sentences
+from realm_jax.data.shards import BlockShard, CorpusError, decode_shard, encode_shard
 from realm_jax.data.tokenizer import Encoding, Tokenizer, load_tokenizer, tokenizer_from_files
-from realm_jax.errors import RealmError
 
 FORMAT = "realm-jax-corpus"
 VERSION = 1
 MANIFEST = "manifest.json"
-_RAGGED = ("title_ids", "body_ids", "sentences", "salient_spans", "titles", "texts")
-
-
-class CorpusError(RealmError):
-  """The corpus cannot be built as asked, or what is on storage is not a valid corpus."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Sentences.
-
-_ABBREVIATIONS = frozenset("""
-mr mrs ms dr prof st sr jr mt ft no nos vol vols fig figs pp p ed eds rev gen col lt sgt capt
-cmdr adm gov sen rep pres inc ltd co corp bros dept univ est approx ca cf vs etc al e.g i.e viz
-jan feb mar apr jun jul aug sep sept oct nov dec
-""".split())
-_BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s+[\"'“‘(\[]?[A-Z0-9À-Þ])")
-
-
-def _is_abbreviation(chunk: str, start: int, m: re.Match) -> bool:
-  """True if the "." ending at `m` closes an abbreviation or an initial, not a sentence."""
-  if m.group() != ".":
-    return False
-  before = chunk[start:m.start()].split()
-  if not before:
-    return True
-  prev = before[-1].lstrip("\"'“‘([").lower()
-  return (prev in _ABBREVIATIONS or (len(prev) == 1 and prev.isalpha())
-          or re.fullmatch(r"(?:\w\.)+\w", prev) is not None)
-
-
-def split_sentences(text: str) -> list[tuple[int, int]]:
-  """(start, end) char spans of the sentences of `text`: lines, then ., ! or ? before a capital.
-
-  Spans never include surrounding whitespace, and every non-space character lies in one span.
-  Abbreviations (Dr., e.g., St.) and initials (J. R. R.) do not end a sentence.
-  """
-  spans = []
-  for line in re.finditer(r"[^\n]+", text):
-    base, chunk = line.start(), line.group()
-    start = 0
-    for m in _BOUNDARY.finditer(chunk):
-      if _is_abbreviation(chunk, start, m):
-        continue
-      spans.append((base + start, base + m.end()))
-      start = m.end()
-    spans.append((base + start, base + len(chunk)))
-  out = []
-  for s, e in spans:
-    while s < e and text[s].isspace():
-      s += 1
-    while e > s and text[e - 1].isspace():
-      e -= 1
-    if e > s:
-      out.append((s, e))
-  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,113 +116,6 @@ def pack_document(doc: Document, title_enc: Encoding, body_enc: Encoding,
 
 
 # ----------------------------------------------------------------------------------------------
-# Shards: encoding and decoding.
-
-
-def _ragged(rows: Sequence[np.ndarray], dtype, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  splits = np.zeros(len(rows) + 1, np.int64)
-  splits[1:] = np.cumsum([len(r) for r in rows])
-  shape = (0,) if width is None else (0, width)
-  flat = np.concatenate([np.asarray(r, dtype) for r in rows]) if rows else np.zeros(shape, dtype)
-  return flat.astype(dtype, copy=False).reshape((-1,) if width is None else (-1, width)), splits
-
-
-def encode_shard(blocks: Sequence[Block]) -> bytes:
-  """The `.npz` bytes of a shard (no pickle; see the module docstring)."""
-  arrays = {"block_ids": np.asarray([b.block_id for b in blocks], np.int64)}
-  fields = {
-      "title_ids": ([b.title_ids for b in blocks], np.int32, None),
-      "body_ids": ([b.body_ids for b in blocks], np.int32, None),
-      "sentences": ([b.sentences for b in blocks], np.int32, 2),
-      "salient_spans": ([b.salient_spans for b in blocks], np.int32, 2),
-      "titles": ([np.frombuffer(b.title.encode("utf-8"), np.uint8) for b in blocks], np.uint8, None),
-      "texts": ([np.frombuffer(b.text.encode("utf-8"), np.uint8) for b in blocks], np.uint8, None),
-  }
-  for name, (rows, dtype, width) in fields.items():
-    arrays[name], arrays[name + "_splits"] = _ragged(rows, dtype, width)
-  arrays["body_offsets"], _ = _ragged([b.body_offsets for b in blocks], np.int32, 2)
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  return buf.getvalue()
-
-
-class BlockShard(Sequence[Block]):
-  """One shard, column-wise (flat arrays + row splits); indexing yields `Block`s."""
-
-  def __init__(self, arrays: dict[str, np.ndarray]):
-    self.arrays = arrays
-    self.block_ids = arrays["block_ids"]
-
-  def __len__(self) -> int:
-    return int(self.block_ids.shape[0])
-
-  def _rows(self, name: str, splits: str | None = None) -> list[np.ndarray]:
-    s = self.arrays[(splits or name) + "_splits"]
-    flat = self.arrays[name]
-    return [flat[s[i]:s[i + 1]] for i in range(len(self))]
-
-  def _row(self, name: str, i: int, splits: str | None = None) -> np.ndarray:
-    s = self.arrays[(splits or name) + "_splits"]
-    return self.arrays[name][s[i]:s[i + 1]]
-
-  @property
-  def title_ids(self) -> list[np.ndarray]:
-    return self._rows("title_ids")
-
-  @property
-  def body_ids(self) -> list[np.ndarray]:
-    return self._rows("body_ids")
-
-  @property
-  def body_offsets(self) -> list[np.ndarray]:
-    return self._rows("body_offsets", "body_ids")
-
-  @property
-  def sentences(self) -> list[np.ndarray]:
-    return self._rows("sentences")
-
-  @property
-  def salient_spans(self) -> list[np.ndarray]:
-    return self._rows("salient_spans")
-
-  @property
-  def titles(self) -> list[str]:
-    return [r.tobytes().decode("utf-8") for r in self._rows("titles")]
-
-  @property
-  def texts(self) -> list[str]:
-    return [r.tobytes().decode("utf-8") for r in self._rows("texts")]
-
-  def __getitem__(self, i):  # type: ignore[override]
-    if isinstance(i, slice):
-      return [self[j] for j in range(*i.indices(len(self)))]
-    if not -len(self) <= i < len(self):
-      raise IndexError(i)
-    i %= len(self)
-    return Block(
-        block_id=int(self.block_ids[i]),
-        title=self._row("titles", i).tobytes().decode("utf-8"),
-        text=self._row("texts", i).tobytes().decode("utf-8"),
-        title_ids=self._row("title_ids", i), body_ids=self._row("body_ids", i),
-        body_offsets=self._row("body_offsets", i, "body_ids"), sentences=self._row("sentences", i),
-        salient_spans=self._row("salient_spans", i))
-
-
-def decode_shard(data: bytes, name: str = "shard") -> BlockShard:
-  """Parses shard bytes written by `encode_shard`."""
-  try:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-      arrays = {k: npz[k] for k in npz.files}
-  except (ValueError, OSError, EOFError) as e:
-    raise CorpusError(f"{name}: not a valid corpus shard: {e}") from None
-  needed = ["block_ids", "body_offsets"] + [f for n in _RAGGED for f in (n, n + "_splits")]
-  missing = [k for k in needed if k not in arrays]
-  if missing:
-    raise CorpusError(f"{name}: corpus shard lacks arrays {missing}")
-  return BlockShard(arrays)
-
-
-# ----------------------------------------------------------------------------------------------
 # Building.
 
 
@@ -320,21 +159,6 @@ class _ShardWriter:
     self.buffer = []
 
 
-def _progress(enabled: bool):
-  from rich.console import Console
-  from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
-  from rich.text import Text
-
-  class Rate(ProgressColumn):
-    def render(self, task):
-      speed = task.finished_speed or task.speed
-      return Text(f"{speed:,.0f} blocks/s" if speed else "- blocks/s")
-
-  return Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                  TextColumn("{task.completed:,.0f} blocks"), TextColumn("{task.fields[docs]:,} documents"),
-                  Rate(), TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)
-
-
 def _concat(parts: list[Encoding], starts: list[int]) -> Encoding:
   """One document's encoding from its sentences' (offsets shifted to document positions).
 
@@ -361,8 +185,8 @@ def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
 def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpus",
                  tokenizer: str | Tokenizer = "minilm", block_len: int = 288,
                  tagger: str | Tagger = "rule", shard_blocks: int = 10_000,
-                 overwrite: bool = False, progress: bool = False, doc_batch: int = 32,
-                 workers: int = 1, title_spans: bool = True) -> dict:
+                 overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
+                 doc_batch: int = 32, workers: int = 1, title_spans: bool = True) -> dict:
   """Builds the block corpus from document files (or `Document`s) into `<storage>/<prefix>/`;
   returns the manifest.
 
@@ -370,7 +194,8 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
   bounded by one shard plus one batch. The manifest is written last; a failed build removes
   the shards it wrote, so no half-written corpus is ever readable. `workers` processes strip
   MediaWiki markup (the slowest step for dumps). `title_spans`: mentions of the article's title
-  are salient spans too (where the tagger found nothing overlapping them).
+  are salient spans too (where the tagger found nothing overlapping them). `progress(blocks,
+  documents)` is called after each document.
   """
   storage = _open_storage(storage)
   tok = load_tokenizer(tokenizer)
@@ -391,34 +216,33 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
            "body_tokens": 0, "split_sentences": 0}
   t0, c0 = time.perf_counter(), time.process_time()
   try:
-    with _progress(progress) as bar:
-      task = bar.add_task("building corpus", total=None, docs=0)
-      for batch in _batches(read_documents(inputs, workers), doc_batch):
-        titles = tok.encode_batch([d.title for d in batch])
-        sentences = [split_sentences(d.text) for d in batch]
-        flat = [d.text[s:e] for d, sents in zip(batch, sentences) for s, e in sents]
-        tags = iter(tag.tag_batch(flat))
-        encs = iter(tok.encode_batch(flat))
-        for doc, t_enc, sents in zip(batch, titles, sentences):
-          salient, parts = [], []
-          for s, e in sents:
-            found = next(tags)
-            if title_spans:
-              found = title_mentions(doc.title, doc.text[s:e], found)
-            stats["sentences_with_salient"] += bool(found)
-            salient += [(s + a, s + b) for a, b in found]
-            parts.append(next(encs))
-          b_enc = _concat(parts, [s for s, _ in sents])
-          blocks = pack_document(doc, t_enc, b_enc, sents, salient, block_len)
-          for block in blocks:
-            stats["salient_spans"] += len(block.salient_spans)
-            writer.add(block)
-          stats["documents"] += 1
-          stats["sentences"] += len(sents)
-          stats["body_tokens"] += len(b_enc)
-          stats["split_sentences"] += sum(1 for b in blocks for _ in b.sentences) - len(sents)
-          bar.update(task, advance=len(blocks), docs=stats["documents"])
-      writer.flush()
+    for batch in _batches(read_documents(inputs, workers), doc_batch):
+      titles = tok.encode_batch([d.title for d in batch])
+      sentences = [split_sentences(d.text) for d in batch]
+      flat = [d.text[s:e] for d, sents in zip(batch, sentences) for s, e in sents]
+      tags = iter(tag.tag_batch(flat))
+      encs = iter(tok.encode_batch(flat))
+      for doc, t_enc, sents in zip(batch, titles, sentences):
+        salient, parts = [], []
+        for s, e in sents:
+          found = next(tags)
+          if title_spans:
+            found = title_mentions(doc.title, doc.text[s:e], found)
+          stats["sentences_with_salient"] += bool(found)
+          salient += [(s + a, s + b) for a, b in found]
+          parts.append(next(encs))
+        b_enc = _concat(parts, [s for s, _ in sents])
+        blocks = pack_document(doc, t_enc, b_enc, sents, salient, block_len)
+        for block in blocks:
+          stats["salient_spans"] += len(block.salient_spans)
+          writer.add(block)
+        stats["documents"] += 1
+        stats["sentences"] += len(sents)
+        stats["body_tokens"] += len(b_enc)
+        stats["split_sentences"] += sum(1 for b in blocks for _ in b.sentences) - len(sents)
+        if progress:
+          progress(writer.next_id, stats["documents"])
+    writer.flush()
     if writer.next_id == 0:
       raise CorpusError(f"empty corpus: the documents of {', '.join(map(str, inputs))} hold no tokens")
   except BaseException:

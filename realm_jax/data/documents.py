@@ -194,7 +194,8 @@ def reader_for(path: str):
   """The reader function for a file name (see the module docstring)."""
   name = path.lower()
   for suffix in (".gz", ".bz2", ".xz"):
-    if name.endswith(suffix) and not name.endswith(".xml" + suffix) and name[: -len(suffix)].endswith((".jsonl", ".json", ".txt")):
+    inner = name[: -len(suffix)]
+    if name.endswith(suffix) and not name.endswith(".xml" + suffix) and inner.endswith((".jsonl", ".json", ".txt")):
       name = name[: -len(suffix)]
   if name.endswith((".jsonl", ".json")):
     return read_jsonl

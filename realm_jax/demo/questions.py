@@ -71,7 +71,8 @@ def select_questions(blocks: Sequence[Block], examples: Iterable[QAExample],
   return keep
 
 
-def split(examples: Sequence[QAExample], test_fraction: float, seed: int = 0) -> tuple[list[QAExample], list[QAExample]]:
+def split(examples: Sequence[QAExample], test_fraction: float,
+          seed: int = 0) -> tuple[list[QAExample], list[QAExample]]:
   """A deterministic train/test split."""
   order = np.random.default_rng(seed).permutation(len(examples))
   n_test = max(1, int(round(test_fraction * len(examples))))

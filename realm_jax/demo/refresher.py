@@ -10,12 +10,13 @@ import sys
 
 
 class RefresherProcess:
-  """Context manager: starts `realm-jax refresh` for a storage root and config file; on exit
-  waits for it to finish by itself (it exits on TRAINING_DONE), else stops it."""
+  """Context manager: starts `realm-jax refresh` for a storage root (it reads the trainer's config
+  from its checkpoints); on exit waits for it to finish by itself (it exits on TRAINING_DONE), else
+  stops it."""
 
-  def __init__(self, storage_root: str, config_file: str, log_file: pathlib.Path, poll_seconds: float = 0.5):
-    self.cmd = [sys.executable, "-m", "realm_jax.cli.main", "refresh", "--storage", storage_root,
-                "--config", config_file, "--poll-seconds", str(poll_seconds)]
+  def __init__(self, storage_root: str, log_file: pathlib.Path, poll_seconds: float = 0.5):
+    self.cmd = [sys.executable, "-m", "realm_jax", "refresh", "--storage", storage_root,
+                "--poll-seconds", str(poll_seconds)]
     self.log_file = log_file
     self.proc: subprocess.Popen | None = None
 

@@ -51,7 +51,8 @@ class BertEmbeddings(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
     positions = jnp.arange(input_ids.shape[-1])[None, :]
-    x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+         + self.token_type_embeddings(token_type_ids))
     return self.dropout(self.layer_norm(x))
 
 
@@ -69,15 +70,16 @@ class SelfAttention(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    b, l, h = x.shape
-    split = lambda t: t.reshape(b, l, self.num_heads, h // self.num_heads)
+    b, n, h = x.shape
+    def split(t):
+      return t.reshape(b, n, self.num_heads, h // self.num_heads)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // self.num_heads).astype(q.dtype)
     # Additive mask in float32, as BERT: padded keys get the most negative finite value.
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
     probs = self.dropout(probs)
-    ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, l, h)
+    ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, n, h)
     return self.output(ctx)
 
 

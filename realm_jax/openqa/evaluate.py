@@ -1,6 +1,6 @@
 """Batched Open-QA evaluation on the mesh: exact match (ORQA's SQuAD normalisation, regex match
-for CuratedTrec), retrieval recall@k (DPR's `has_answer` on the top-k blocks), predictions JSONL
-and a console summary.
+for CuratedTrec), retrieval recall@k (DPR's `has_answer` on the top-k blocks), predictions JSONL;
+the CLI prints the summaries (`cli/evaluate.py`).
 """
 
 from __future__ import annotations
@@ -150,16 +150,3 @@ def write_predictions(path: str, predictions: Sequence[dict]) -> None:
     for p in predictions:
       f.write(json.dumps(p, ensure_ascii=False) + "\n")
   os.replace(tmp, path)
-
-
-def summary_table(summaries: Sequence[Summary]):
-  """A rich Table: one row per evaluated set."""
-  from rich.table import Table
-  ks = sorted({k for s in summaries for k in s.recall})
-  table = Table(title="Open-QA evaluation")
-  for col in ["set", "questions", "exact match"] + [f"recall@{k}" for k in ks] + ["questions/s"]:
-    table.add_column(col, justify="left" if col == "set" else "right")
-  for s in summaries:
-    table.add_row(s.name, str(s.num_questions), f"{100 * s.exact_match:.1f}",
-                  *[f"{100 * s.recall[k]:.1f}" if k in s.recall else "-" for k in ks], f"{s.questions_per_second:.1f}")
-  return table

@@ -2,47 +2,27 @@
 
 Read top to bottom: setup -> corpus, questions -> model and optimizer (query tower and reader
 trained; the document index frozen) -> sharding -> checkpoint restore -> the frozen index on the
-mesh -> the jitted step (`step.finetune_loss`) -> the loop (metrics, checkpoints with resume).
+mesh -> the step (`step.train_step`) -> the loop (metrics, non-finite check, checkpoints).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
-import time
 from typing import Callable
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from realm_jax.data.qa import QAExample, load_questions
 from realm_jax.errors import ConfigError, RealmError
 from realm_jax.openqa import features, loading
 from realm_jax.openqa.config import FinetuneConfig
-from realm_jax.openqa.step import finetune_loss
+from realm_jax.openqa.step import train_step, trained_params
 from realm_jax.storage import Storage
-from realm_jax.train.checkpoints import Checkpoints
-from realm_jax.train.metrics import MetricsWriter, progress_line
+from realm_jax.train.loop import TrainLoop
+from realm_jax.train.metrics import MetricsWriter
 from realm_jax.train.optimizer import bert_adamw, warmup_linear_decay
-from realm_jax.train.trainer import make_mesh, maybe_initialize_distributed, param_sharding, place_state
-
-log = logging.getLogger("realm_jax.openqa")
-
-
-
-def trained_params(share_embedders: bool, train_query_tower: bool = True):
-  """What fine-tuning trains: everything but a separate document tower (its index is frozen).
-  A shared tower is the query tower too (NNX files it under `doc_embedder`), so it is trained.
-  Without `train_query_tower`, only the reader."""
-  if not train_query_tower:
-    return nnx.All(nnx.Param, nnx.PathContains("reader"))
-  if share_embedders:
-    return nnx.Param
-  return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("doc_embedder")))
 
 
 class QuestionStream:
@@ -78,41 +58,25 @@ class QuestionStream:
     self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
-def train_step(graphdef, beam: int, share_embedders: bool, train_query_tower: bool, state, batch, corpus):
-  """One optimizer step on a batch of questions (module level: runs with the same graph share
-  one compilation)."""
-  model, optimizer = nnx.merge(graphdef, state)
-  grad_fn = nnx.value_and_grad(finetune_loss, argnums=nnx.DiffState(0, trained_params(share_embedders, train_query_tower)),
-                               has_aux=True)
-  (_, metrics), grads = grad_fn(model, batch, corpus, beam)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  optimizer.update(model, grads)
-  return nnx.state((model, optimizer)), metrics
-
-
 @dataclasses.dataclass
 class FinetuneResult:
+  """What `Finetuner.run()` did: the step it stopped at, the logged rows, the (frozen) index used."""
+
   step: int
   history: list[dict]
   index_version: str
 
 
-class Finetuner:
+class Finetuner(TrainLoop):
   """Owns one fine-tuning run on a storage root (corpus in `<root>/<corpus_prefix>`, index in
-  `<root>/index`, checkpoints and metrics next to them). `run()` trains; `stop_after` ends early."""
+  `<root>/index`, checkpoints and metrics next to them). `run()` trains; `stop_after` ends early.
+  `log_fn` also receives every log line (the lines always go to the `realm_jax.finetune` logger)."""
 
-  def __init__(self, cfg: FinetuneConfig, storage_uri: str, *, resume: bool = False,
+  def __init__(self, cfg: FinetuneConfig, storage: Storage | str, *, resume: bool = False,
                log_fn: Callable[[str], None] | None = None, stop_after: int | None = None,
                questions: list[QAExample] | None = None, index_version: str | None = None,
                on_step: Callable[[int, int], None] | None = None):
-    maybe_initialize_distributed()
-    self.cfg, self.stop_after = cfg, stop_after
-    self.on_step = on_step  # (step, last step of this run) after every step: progress bars
-    self.is_chief = jax.process_index() == 0
-    self.log = log_fn or (lambda m: print(f"[realm-jax finetune] {m}", flush=True) if self.is_chief else None)
-    self.storage = Storage.open(storage_uri)
-    self.mesh = make_mesh(cfg)
+    super().__init__(cfg, storage, role="finetune", stop_after=stop_after, log_fn=log_fn, on_step=on_step)
     data = self.mesh.shape["data"]
     if cfg.batch_size % data or cfg.batch_size % jax.process_count():
       raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the data-parallel size {data} "
@@ -126,31 +90,18 @@ class Finetuner:
         raise ConfigError("train_questions is empty: name a question set or file (--set train_questions=...)")
       questions = load_questions(cfg.train_questions)
     self.stream = QuestionStream(list(questions), cfg.batch_size, cfg.seed)
-    self.batch_sharding = NamedSharding(self.mesh, P("data"))
 
-    # -- model and optimizer ---------------------------------------------------------------------
-    self.model = loading.init_openqa_model(cfg.model, cfg.init, cfg.seed, self.log)
+    # -- model and optimizer (the document tower frozen), placed by the sharding rules -------------
+    model = loading.init_openqa_model(cfg.model, cfg.init, cfg.seed, self.log)
     self.schedule = warmup_linear_decay(cfg.learning_rate, cfg.num_train_steps, cfg.warmup_steps)
-    self.optimizer = nnx.Optimizer(self.model, bert_adamw(self.schedule, cfg.weight_decay, cfg.clip_norm),
-                                   wrt=trained_params(cfg.model.share_embedders, cfg.train_query_tower))
-    state = nnx.state((self.model, self.optimizer))
-    self.state_sharding = param_sharding(self.mesh, cfg, state)
-    nnx.update((self.model, self.optimizer), place_state(state, self.state_sharding))
+    self._place(model, nnx.Optimizer(model, bert_adamw(self.schedule, cfg.weight_decay, cfg.clip_norm),
+                                     wrt=trained_params(cfg.model.share_embedders, cfg.train_query_tower)))
 
     # -- checkpoints -------------------------------------------------------------------------------
-    self.ckpt = Checkpoints(self.storage.uri("checkpoints"), keep=cfg.keep_checkpoints,
-                            async_save=cfg.async_checkpointing)
-    self.step = 0
-    latest = self.ckpt.step_to_resume(resume)
-    if latest is not None:
-      meta = self.ckpt.read_meta(latest)
-      if meta.get("kind") != "openqa":
-        raise RealmError(f"{self.storage.uri('checkpoints')}/{latest} is not an Open-QA checkpoint")
-      data_state, meta = self.ckpt.restore(latest, self.model, self.optimizer)
+    data_state = self._resume(resume, check_meta=self._check_meta)
+    if data_state is not None:
       self.stream.set_state(data_state)
-      self.step = int(meta["step"])
-      index_version = index_version or meta.get("index_version")
-      self.log(f"resumed from checkpoint step {self.step}")
+      index_version = index_version or self.resumed_meta.get("index_version")
 
     # -- the frozen index on the mesh ----------------------------------------------------------------
     loaded = loading.ensure_index(self.storage, self.model, self.tables, cfg.model, self.mesh, index_version,
@@ -164,10 +115,11 @@ class Finetuner:
     self.log(f"index {loaded.version}: {loaded.info.num_blocks} blocks frozen; retriever beam {self.beam}, "
              f"reader beam {cfg.model.reader_beam_size}")
     self.model.train()
-    self._compile()
+    self._compile(train_step, cfg=cfg, beam=self.beam)
 
-  def _compile(self) -> None:
-    self._graphdef, _ = nnx.split((self.model, self.optimizer))
+  def _check_meta(self, step: int, meta: dict) -> None:
+    if meta.get("kind") != "openqa":
+      raise RealmError(f"{self.ckpt.directory}/{step} is not an Open-QA checkpoint")
 
   def _global_batch(self, examples: list[QAExample]) -> dict[str, jax.Array]:
     cfg = self.cfg
@@ -178,42 +130,22 @@ class Finetuner:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
   def run(self) -> FinetuneResult:
+    """Fine-tunes to `num_train_steps` (or `stop_after` more steps), then leaves the model in eval mode."""
     cfg = self.cfg
     writer = MetricsWriter(self.storage, "finetune", enabled=self.is_chief)
-    end = cfg.num_train_steps if self.stop_after is None else min(cfg.num_train_steps, self.step + self.stop_after)
+    end = self._begin(cfg.num_train_steps)
     history: list[dict] = []
-    t_last, since = time.perf_counter(), 0
+    shown = ("loss", "retriever_loss", "reader_loss", "span_accuracy", "reader_recall")
     try:
       while self.step < end:
-        batch = self._global_batch(self.stream.next())
-        new_state, metrics = train_step(self._graphdef, self.beam, cfg.model.share_embedders, cfg.train_query_tower,
-                                        nnx.state((self.model, self.optimizer)), batch, self.corpus)
-        nnx.update((self.model, self.optimizer), new_state)
-        self.step += 1
-        since += 1
-        if self.on_step is not None:
-          self.on_step(self.step, end)
-        if self.step % cfg.log_every == 0 or self.step == end:
-          scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          scalars["learning_rate"] = float(self.schedule(self.step))
-          elapsed = time.perf_counter() - t_last
-          scalars["questions_per_second"] = since * cfg.batch_size / max(elapsed, 1e-9)
-          history.append({"step": self.step, **scalars})
-          writer.write(self.step, scalars)
-          shown = {k: scalars[k] for k in ("loss", "retriever_loss", "reader_loss", "span_accuracy", "reader_recall")}
-          self.log(progress_line(self.step, cfg.num_train_steps, shown, scalars["questions_per_second"],
-                                 (end - self.step) * elapsed / max(since, 1)))
-          t_last, since = time.perf_counter(), 0
-        if self.step % cfg.checkpoint_every == 0 or self.step == end:
-          self._save(writer)
+        metrics = self._step(self._global_batch(self.stream.next()), self.corpus, end=end)
+        self._report(metrics, writer, history, end=end, total=cfg.num_train_steps, per_step=cfg.batch_size,
+                     rate_name="questions_per_second",
+                     extra=lambda: {"learning_rate": float(self.schedule(self.step))}, shown=shown)
+        self._checkpoint(writer, end, self.stream.get_state, {"kind": "openqa", "index_version": self.index_version})
     finally:
       self.ckpt.wait()
       writer.close()
     self.ckpt.close()
     self.model.eval()
     return FinetuneResult(self.step, history, self.index_version)
-
-  def _save(self, writer: MetricsWriter) -> None:
-    meta = {"kind": "openqa", "config": self.cfg.to_dict(), "index_version": self.index_version}
-    self.ckpt.save(self.step, self.model, self.optimizer, self.stream.get_state(), meta)
-    writer.flush()

@@ -196,8 +196,7 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
                        index_version: str | None = None, corpus_prefix: str | None = None) -> AnsweringSetup:
   """Model (checkpoint or weights), corpus and the index it was fine-tuned with (or `index_version`,
   or LATEST), all checked against each other."""
-  from realm_jax.openqa.config import FinetuneConfig
-  from realm_jax.train.trainer import make_mesh
+  from realm_jax.parallel import make_mesh
 
   finetuned = load_finetuned(storage_uri, step, weights_uri)
   storage = Storage.open(storage_uri)
@@ -210,4 +209,4 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
   if loaded.info.dim != finetuned.config.retriever_dim:
     raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model retrieves with "
                           f"{finetuned.config.retriever_dim}-d queries")
-  return AnsweringSetup(finetuned, tables, loaded, make_mesh(FinetuneConfig()))
+  return AnsweringSetup(finetuned, tables, loaded, make_mesh())

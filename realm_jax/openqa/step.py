@@ -10,22 +10,28 @@ Read top to bottom:
 4. read the top `reader_beam_size` blocks: `[CLS] question [SEP] body [SEP]` built on device, span
    logits (width <= max_span_width, inside the body) plus the block's retriever logit;
 5. losses: -log sum over blocks with an answer (retriever, over the whole beam) and -log sum over
-   (block, span) pairs matching an answer (reader); prediction = argmax over (block, span).
+   (block, span) pairs matching an answer (reader); prediction = argmax over (block, span);
+6. `train_step`: gradients of the trained parameters (the document tower stays frozen), one update.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from realm_jax.models.reader import openqa_losses, predict_span
 from realm_jax.retrieval import mips
 from realm_jax.train.device_corpus import gather_rows
+
+if TYPE_CHECKING:
+  from realm_jax.openqa.config import FinetuneConfig
 
 
 @jax.tree_util.register_dataclass
@@ -73,7 +79,8 @@ def reader_inputs(query_ids: jax.Array, query_mask: jax.Array, bodies: jax.Array
   in_body = (idx >= 0) & (idx < kept[..., None])  # [Q, R, L]
   last_sep = idx == kept[..., None]
   body_part = jnp.take_along_axis(bodies, jnp.broadcast_to(jnp.clip(idx, 0, lb - 1), (q, r, reader_len)), axis=-1)
-  ids = jnp.where(in_q[:, None, :], q_part[:, None, :], jnp.where(in_body, body_part, jnp.where(last_sep, sep_id, pad_id)))
+  tail = jnp.where(in_body, body_part, jnp.where(last_sep, sep_id, pad_id))
+  ids = jnp.where(in_q[:, None, :], q_part[:, None, :], tail)
   second = in_body | last_sep
   return {"input_ids": ids.astype(jnp.int32), "attention_mask": (in_q[:, None, :] | second).astype(jnp.int32),
           "token_type_ids": second.astype(jnp.int32), "block_mask": in_body.astype(jnp.int32),
@@ -154,7 +161,8 @@ def finetune_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: Reader
   pred = predict_span(out["logits"], out["starts"], out["ends"])
   hit = jnp.take_along_axis(correct.reshape(correct.shape[0], -1),
                             (pred["block"] * correct.shape[-1] + _span_index(pred, out))[:, None], axis=1)[:, 0]
-  f = lambda x: x.astype(jnp.float32)
+  def f(x):
+    return x.astype(jnp.float32)
   metrics = {"loss": losses["loss"], "retriever_loss": jnp.mean(losses["retriever_loss"]),
              "reader_loss": jnp.mean(losses["reader_loss"]),
              "span_accuracy": jnp.mean(f(hit)),  # the predicted span matches an answer (token level)
@@ -162,6 +170,29 @@ def finetune_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: Reader
              "reader_recall": jnp.mean(f(jnp.any(has_answer[:, :r], -1))),
              "top1_has_answer": jnp.mean(f(has_answer[:, 0]))}
   return losses["loss"], metrics
+
+
+def trained_params(share_embedders: bool, train_query_tower: bool = True) -> nnx.filterlib.Filter:
+  """What fine-tuning trains: everything but a separate document tower (its index is frozen).
+  A shared tower is the query tower too (NNX files it under `doc_embedder`), so it is trained.
+  Without `train_query_tower`, only the reader."""
+  if not train_query_tower:
+    return nnx.All(nnx.Param, nnx.PathContains("reader"))
+  if share_embedders:
+    return nnx.Param
+  return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("doc_embedder")))
+
+
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], corpus: ReaderCorpus, *,
+               cfg: FinetuneConfig, beam: int) -> tuple[nnx.State, dict[str, Any]]:
+  """One optimizer step on a batch of questions: the loss above, gradients of the trained
+  parameters only, the update. The fine-tuner jits it with the state donated (`train/loop.py`)."""
+  model, optimizer = nnx.merge(graphdef, state)
+  wrt = nnx.DiffState(0, trained_params(cfg.model.share_embedders, cfg.train_query_tower))
+  (_, metrics), grads = nnx.value_and_grad(finetune_loss, argnums=wrt, has_aux=True)(model, batch, corpus, beam)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  optimizer.update(model, grads)
+  return nnx.state((model, optimizer)), metrics
 
 
 def _span_index(pred: dict[str, jax.Array], out: dict[str, jax.Array]) -> jax.Array:

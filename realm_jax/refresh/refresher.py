@@ -1,13 +1,16 @@
 """The index refresher loop: newest finalized checkpoint -> document tower -> embeddings -> index.
 
 It runs as its own process (its own host and devices on Cloud) next to the trainer, sharing only
-the storage root. Each round: re-read the trainer's finalized checkpoints (read-only orbax
-manager), pick the newest one newer than the index LATEST names, restore only its `retriever`
-part onto this process's mesh, embed every block and publish `index/<version>/` with
-`retrieval.index.build_and_publish_index` (staged embeddings, create-only files, manifest, then
-LATEST by compare-and-swap, then pruning). It stops once `TRAINING_DONE` exists or after
-`max_versions` publishes. A crash at any moment leaves LATEST on a complete version; a restart
-resumes the staged embeddings of the checkpoint it was working on.
+the storage root (a `Storage`). Its configuration is the one the trainer stored in its checkpoints:
+the refresher waits for the first finalized checkpoint and reads the model, corpus and retention
+from it (a `config` or `overrides` given to it are checked against that, field by field). Each
+round: re-read the trainer's finalized checkpoints (read-only orbax manager), pick the newest one
+newer than the index LATEST names, restore only its `retriever` part onto this process's mesh,
+embed every block and publish `index/<version>/` with `retrieval.index.build_and_publish_index`
+(staged embeddings, create-only files, manifest, then LATEST by compare-and-swap, then pruning).
+It stops once `TRAINING_DONE` exists or after `max_versions` publishes. A crash at any moment
+leaves LATEST on a complete version; a restart resumes the staged embeddings of the checkpoint it
+was working on.
 """
 
 from __future__ import annotations
@@ -15,33 +18,31 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from realm_jax import publish
+from realm_jax import layout, publish
 from realm_jax.config import RealmConfig
 from realm_jax.data.corpus import CorpusReader
 from realm_jax.errors import RealmError
+from realm_jax.logs import RunLog
 from realm_jax.models.retriever import Retriever
-from realm_jax.refresh import faults as faults_lib
-from realm_jax.retrieval import embed as embed_lib
-from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval import embed as embed_lib, index as index_lib
+from realm_jax.storage import Storage
 from realm_jax.train.checkpoints import Checkpoints
-from realm_jax.train.config import TrainConfig
-from realm_jax.train.trainer import DONE_MARKER
-
+from realm_jax.train.config import TrainConfig, apply_overrides, flat_fields
 
 
 class RefreshError(RealmError):
-  """The refresher cannot use the trainer's checkpoints (another model configuration)."""
+  """The refresher cannot use the trainer's checkpoints (another configuration, or not REALM)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RefreshOptions:
-  """How the loop runs; the model, corpus and retention come from the TrainConfig."""
+  """How the loop runs; the model, corpus and retention come from the trainer's config."""
 
   max_versions: int | None = None  # exit after publishing this many versions
   poll_seconds: float = 5.0  # wait between looks at the checkpoints when there is nothing new
@@ -78,29 +79,62 @@ class _RetrieverOnly(nnx.Module):
 
 
 class Refresher:
-  """Owns the loop: `Refresher(cfg, "gs://bucket/run").run()`."""
+  """Owns the loop: `Refresher("gs://bucket/run").run()`, or `Refresher(storage)` for any `Storage`.
 
-  def __init__(self, cfg: TrainConfig, storage_uri: str, options: RefreshOptions = RefreshOptions(),
-               *, log_fn: Callable[[str], None] | None = None):
-    self.cfg, self.options = cfg, options
-    self.log = log_fn or (lambda msg: print(f"[realm-jax refresh] {msg}", flush=True))
-    self.storage = faults_lib.open_storage(storage_uri)
-    self.faults = getattr(self.storage, "faults", None)
+  `config` and `overrides` (`key=value`), when given, are what the caller believes the trainer ran
+  with: a field that contradicts the checkpoint's stored config raises RefreshError naming it.
+  `log_fn` also receives every log line (they always go to the `realm_jax.refresh` logger)."""
+
+  def __init__(self, storage: Storage | str, options: RefreshOptions = RefreshOptions(), *,
+               config: TrainConfig | None = None, overrides: Sequence[str] = (),
+               log_fn: Callable[[str], None] | None = None):
+    self.storage = storage if isinstance(storage, Storage) else Storage.open(storage)
+    self.options = options
+    self.log = RunLog("realm_jax.refresh", log_fn)
+    self.claimed, self.overrides = config, list(overrides)
+    self.cfg: TrainConfig | None = None  # the trainer's, read from its first checkpoint we look at
     self._last_warning = ""
-    self.corpus = CorpusReader(self.storage, cfg.corpus_prefix)
-    self.keep = options.keep or cfg.keep_index_versions
     self.mesh = embed_lib.default_mesh()
-    self.sharding = replicated = NamedSharding(self.mesh, P())
+    self.sharding = NamedSharding(self.mesh, P())
+    self.ckpt = Checkpoints(self.storage.uri(layout.CHECKPOINTS), read_only=True)
+    self.log(f"watching {self.storage.uri(layout.CHECKPOINTS)} on {jax.device_count()} "
+             f"{jax.devices()[0].platform} device(s)")
+
+  # -- the trainer's config -------------------------------------------------------------------------
+  def stored_config(self, step: int) -> TrainConfig:
+    """The config the trainer saved with checkpoint `step`, checked against what we were told."""
+    where = f"{self.ckpt.directory}/{step}"
+    stored = (self.ckpt.read_meta(step) or {}).get("config")
+    if stored is None:
+      raise RefreshError(f"{where}: the checkpoint holds no config (not written by `realm-jax pretrain`)")
+    try:
+      cfg = TrainConfig.from_dict(stored)
+    except (TypeError, RealmError) as e:
+      raise RefreshError(f"{where}: the stored config is not a TrainConfig this version reads ({e})") from e
+    claimed = apply_overrides(self.claimed or cfg, self.overrides)
+    theirs, mine = flat_fields(cfg), flat_fields(claimed)  # the same fields, in declaration order
+    for field, value in theirs.items():
+      if mine[field] != value:
+        raise RefreshError(f"{where}: --config/--set give {field}={mine[field]!r}, the trainer ran with "
+                           f"{field}={value!r}; leave --config and --set out to use its config")
+    if cfg.task != "realm":
+      raise RefreshError(f"{where}: a {cfg.task!r} run: only REALM pre-training retrieves from an index, "
+                         "so there is nothing to refresh")
+    return cfg
+
+  def _configure(self, step: int) -> None:
+    """Takes the trainer's config from checkpoint `step` and builds what embedding needs."""
+    cfg = self.cfg = self.stored_config(step)
+    self.corpus = CorpusReader(self.storage, cfg.corpus_prefix)
+    self.keep = self.options.keep or cfg.keep_index_versions
     self.model = _RetrieverOnly(cfg.model, rngs=nnx.Rngs(0))
-    nnx.update(self.model, jax.device_put(nnx.state(self.model), replicated))
+    nnx.update(self.model, jax.device_put(nnx.state(self.model), self.sharding))
     # One embed fn for the whole run: it reads the (restored in place) weights at each call, so
     # the jit compilation is paid once, not once per version.
     self.embed_fn = embed_lib.make_embed_fn(self.model.retriever.doc_embedder, self.mesh,
-                                            options.embed_batch_size)
-    self.ckpt = Checkpoints(self.storage.uri("checkpoints"), read_only=True)
-    self.log(f"watching {self.storage.uri('checkpoints')} on {jax.device_count()} "
-             f"{jax.devices()[0].platform} device(s); corpus {self.corpus.num_blocks} blocks in "
-             f"{self.corpus.num_shards} shards; keeping {self.keep} index versions")
+                                            self.options.embed_batch_size)
+    self.log(f"the trainer's config (from checkpoint step {step}): model {cfg.model.fingerprint()}, corpus "
+             f"{self.corpus.num_blocks} blocks in {self.corpus.num_shards} shards; keeping {self.keep} index versions")
 
   # -- what to do next -----------------------------------------------------------------------------
   def index_step(self) -> int:
@@ -111,18 +145,18 @@ class Refresher:
       return -1 if info is None else info.step
     except RealmError as e:
       try:
-        pointer = self.storage.read_json(f"{index_lib.PREFIX}/{publish.LATEST}")
+        pointer = self.storage.read_json(f"{layout.INDEX}/{publish.LATEST}")
         step = publish.version_key(pointer["version"])[0]
       except (RealmError, KeyError, TypeError):
         step = -1
       message = f"the index LATEST names is unreadable ({e}); treating it as step {step}"
       if message != self._last_warning:  # once, not at every poll
         self._last_warning = message
-        self.log(message)
+        self.log.warning(message)
       return step
 
   def _staged(self, step: int) -> bool:
-    prefix = index_lib.staging_prefix(index_lib.WORK_PREFIX, step, self.cfg.model,
+    prefix = index_lib.staging_prefix(layout.INDEX_WORK, step, self.cfg.model,
                                       index_lib.corpus_fingerprint(self.corpus), self.options.dtype)
     return self.storage.exists(f"{prefix}/{embed_lib.INFO_FILE}")
 
@@ -135,42 +169,34 @@ class Refresher:
     newer = [s for s in self.ckpt.all_steps() if s > self.index_step()]
     if not newer:
       return None
+    if self.cfg is None:
+      self._configure(max(newer))
     staged = [s for s in newer if self._staged(s)]
     return max(staged) if staged else max(newer)
 
   def done(self) -> bool:
-    return self.storage.exists(DONE_MARKER)
+    return self.storage.exists(layout.TRAINING_DONE)
 
   # -- one refresh -----------------------------------------------------------------------------------
-  def _check_config(self, step: int) -> None:
-    meta = self.ckpt.read_meta(step)
-    model = (meta.get("config") or {}).get("model")
-    if model is None:
-      return
-    theirs = RealmConfig.from_dict(model)
-    if theirs.fingerprint() != self.cfg.model.fingerprint():
-      raise RefreshError(
-          f"{self.ckpt.directory}/{step}: the trainer's model config (fingerprint "
-          f"{theirs.fingerprint()}) is not this refresher's ({self.cfg.model.fingerprint()}); pass "
-          "the trainer's --config and --set model.* overrides")
-
   def refresh(self, step: int) -> index_lib.IndexInfo | None:
     """Indexes checkpoint `step`; None if the checkpoint vanished or the publish lost the race."""
     t0 = time.perf_counter()
     self.log(f"checkpoint step {step}: restoring the retriever (index LATEST is at step "
              f"{self.index_step()})")
     try:
-      self._check_config(step)
+      if self.cfg is None:
+        self._configure(step)
+      elif self.stored_config(step).model != self.cfg.model:
+        raise RefreshError(f"{self.ckpt.directory}/{step}: the trainer's model config changed since the "
+                           "checkpoint this refresher started from; restart the refresher")
       self.ckpt.restore_part(step, self.model, "retriever", self.sharding)
     except RefreshError:
       raise
     except Exception as e:  # pruned by the trainer's retention meanwhile, or half-deleted
-      self.log(f"checkpoint step {step}: cannot restore it ({type(e).__name__}: {e}); "
-               "looking again at the next poll")
+      self.log.warning(f"checkpoint step {step}: cannot restore it ({type(e).__name__}: {e}); "
+                       "looking again at the next poll")
       return None
     restore_s = time.perf_counter() - t0
-    if self.faults is not None:
-      self.faults.hit("restore")
     self.log(f"checkpoint step {step}: restored in {restore_s:.1f}s; embedding "
              f"{self.corpus.num_blocks} blocks ({self.corpus.num_shards} shards) on "
              f"{self.mesh.size} device(s)")
@@ -197,7 +223,7 @@ class Refresher:
     waiting_since = None
     while True:
       if self.done():
-        self.log(f"{DONE_MARKER} found: the trainer finished; exiting after {len(published)} "
+        self.log(f"{layout.TRAINING_DONE} found: the trainer finished; exiting after {len(published)} "
                  "published version(s)")
         return RefreshResult(published, conflicts, "training done")
       if self.options.max_versions is not None and len(published) >= self.options.max_versions:
@@ -221,4 +247,4 @@ class Refresher:
         time.sleep(self.options.poll_seconds)
 
 
-__all__ = ["DONE_MARKER", "RefreshError", "RefreshOptions", "RefreshResult", "Refresher"]
+__all__ = ["RefreshError", "RefreshOptions", "RefreshResult", "Refresher"]

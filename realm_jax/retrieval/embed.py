@@ -217,26 +217,11 @@ def _finished_shard_dim(storage, path: str, rows: int, dtype: str) -> int | None
   return int(array.shape[1])
 
 
-def _progress(enabled: bool):
-  from rich.console import Console
-  from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                             TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-  from rich.text import Text
-
-  class Rate(ProgressColumn):
-    def render(self, task):
-      speed = task.finished_speed or task.speed
-      return Text(f"{speed:,.0f} blocks/s" if speed else "- blocks/s")
-
-  return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                  disable=not enabled)
-
-
 def embed_corpus(corpus, embed_fn: Callable[[Mapping[str, np.ndarray]], np.ndarray], storage,
                  prefix: str, *, block_len: int | None = None,
                  tokenizer_specials: SpecialIds | None = None, dtype: str = "float32",
-                 identity: Mapping[str, Any] | None = None, progress: bool = True) -> EmbeddingSet:
+                 identity: Mapping[str, Any] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> EmbeddingSet:
   """Embeds every block of `corpus` (a CorpusReader) into `<prefix>/emb-NNNNN.npy`, resumably.
 
   One corpus shard is in memory at a time (the next one is read and featurised in a background
@@ -244,6 +229,7 @@ def embed_corpus(corpus, embed_fn: Callable[[Mapping[str, np.ndarray]], np.ndarr
   under `prefix` are skipped, so a rerun after a crash embeds only what is missing. `identity`
   (e.g. checkpoint step, model fingerprint) is recorded in `embed.json`; a rerun with another
   identity is refused. `block_len` and `tokenizer_specials` default to the corpus's own.
+  `progress(blocks_done, num_blocks)` is called after each shard.
   """
   if dtype not in DTYPES:
     raise EmbedError(f"embedding dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -272,9 +258,8 @@ def embed_corpus(corpus, embed_fn: Callable[[Mapping[str, np.ndarray]], np.ndarr
     except ObjectExists:  # a concurrent run of the same job got there first: keep it if sound
       _finished_shard_dim(storage, paths[i], rows[i], dtype)
 
-  with _progress(progress) as bar, concurrent.futures.ThreadPoolExecutor(2) as pool:
-    task = bar.add_task(f"embedding {corpus.num_blocks:,} blocks", total=corpus.num_blocks,
-                        completed=sum(rows[i] for i in dims))
+  done = sum(rows[i] for i in dims)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
     writes: list[concurrent.futures.Future] = []
     upcoming = pool.submit(features, todo[0]) if todo else None
     for k, i in enumerate(todo):
@@ -289,7 +274,9 @@ def embed_corpus(corpus, embed_fn: Callable[[Mapping[str, np.ndarray]], np.ndarr
         w.result()  # surface a failed write now, not at the end
         writes.remove(w)
       writes.append(pool.submit(write, i, emb))
-      bar.advance(task, rows[i])
+      done += rows[i]
+      if progress:
+        progress(done, corpus.num_blocks)
     for w in writes:
       w.result()
   return EmbeddingSet(prefix, paths, rows, corpus.num_blocks, int(dim or 0), dtype,

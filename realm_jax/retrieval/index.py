@@ -22,19 +22,19 @@ import logging
 import pathlib
 import tempfile
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from realm_jax import publish
+from realm_jax import layout, publish
 from realm_jax.config import RealmConfig
 from realm_jax.errors import RealmError
 from realm_jax.retrieval import embed as embed_lib
 
-PREFIX = "index"
-WORK_PREFIX = "index-work"
+PREFIX = layout.INDEX
+WORK_PREFIX = layout.INDEX_WORK
 FORMAT = "realm-jax-index"
 EMB_DIR = "embeddings"
 SCANN_DIR = "scann"
@@ -134,7 +134,7 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
                             step: int, mesh: Mesh | None = None, with_scann: bool = False,
                             keep: int = 3, work_prefix: str = WORK_PREFIX, prefix: str = PREFIX,
                             dtype: str = "float32", batch_size: int = 256, scann_config=None,
-                            embed_fn=None, progress: bool = False) -> IndexInfo:
+                            embed_fn=None, progress: Callable[[int, int], None] | None = None) -> IndexInfo:
   """Embeds the corpus with `embedder` (the document tower of checkpoint `step`), optionally
   builds a ScaNN searcher, publishes `<prefix>/<version>/` and prunes to the newest `keep`.
 

@@ -1,6 +1,6 @@
 """ScaNN searcher over the block embeddings: build, batched search with exclusions, serialize.
 
-The host-side retrieval backend (DESIGN.md §1): the refresher builds a searcher (k-means tree +
+The host-side retrieval backend (docs/DESIGN.md §1): the refresher builds a searcher (k-means tree +
 anisotropic hashing + exact float32 reorder, dot product; brute force for small corpora) and
 stages it through a local directory to storage; the trainer's input pipeline loads it back.
 ScaNN needs local files, so every storage transfer goes through a temporary directory, and the

@@ -50,7 +50,8 @@ def host_token_tables(blocks, block_len: int, specials) -> tuple[np.ndarray, np.
 def place_corpus(doc: np.ndarray, body: np.ndarray, mesh: Mesh, specials) -> DeviceCorpus:
   """Places host token tables on the mesh, rows over every axis (as the index embeddings)."""
   n, length = doc.shape
-  put = lambda table: place_rows(n, length, lambda a, b: table[a:b], mesh, dtype=np.int32)
+  def put(table):
+    return place_rows(n, length, lambda a, b: table[a:b], mesh, dtype=np.int32)
   return DeviceCorpus(put(doc), put(body), int(specials.pad_id), int(specials.cls_id), int(specials.sep_id))
 
 

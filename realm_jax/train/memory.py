@@ -1,10 +1,10 @@
 """Per-device memory of a training run, by arithmetic on the configs (no JAX needed).
 
-What one device holds during a REALM / ICT train step (`trainer.Trainer._compile`):
+What one device holds during a REALM / ICT train step (`realm_step.train_step`):
 
 * parameters (float32), AdamW moments mu and nu (float32, 2x params; BERT's AdamW keeps no
   bias-correction state) and, with `grad_accum_steps > 1`, optax.MultiSteps' accumulated
-  gradients (1x params); replicated by default, divided over `data` under an `fsdp` rule;
+  gradients (1x params); replicated by default, divided over a mesh axis under `fsdp` rules;
 * gradients (float32, 1x params), alive in the step's temporaries;
 * the index embeddings `[num_blocks, retriever_dim]`, row-sharded over every device
   (`retrieval/mips.py`), and the two int32 block-token tables `[num_blocks, block_len]`
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from realm_jax import rules
 from realm_jax.config import BertConfig, RealmConfig
 from realm_jax.errors import ConfigError
 
@@ -56,13 +57,13 @@ def realm_params(cfg: RealmConfig) -> int:
 def _per_sequence(b: BertConfig, seq_len: int, dropout: bool) -> tuple[int, int]:
   """(one layer's, the embeddings') bytes kept for backward for one `seq_len`-token sequence."""
   s = _DTYPE_BYTES[b.dtype]
-  h, i, a, l = b.hidden_size, b.intermediate_size, b.num_heads, seq_len
+  h, i, a, n = b.hidden_size, b.intermediate_size, b.num_heads, seq_len
   drop = 1 if dropout and b.dropout_rate > 0 else 0
   gelu = 6 if b.hidden_act == "gelu_new" else 4 if b.hidden_act == "gelu" else 2
   per_token = (5 * h + gelu * i) * s + 6 * h * 4 + 2 * drop * h
-  attention = a * l * (3 * 4 + s + drop)
-  embeddings = l * (3 * h * 4 + h * (s + drop))  # LayerNorm (float32), dropout output and mask
-  return l * (per_token + attention), embeddings
+  attention = a * n * (3 * 4 + s + drop)
+  embeddings = n * (3 * h * 4 + h * (s + drop))  # LayerNorm (float32), dropout output and mask
+  return n * (per_token + attention), embeddings
 
 
 def bert_activation_bytes(b: BertConfig, seq_len: int, remat: bool = False, dropout: bool = True) -> int:
@@ -130,14 +131,18 @@ class MemoryEstimate:
     return [(p, getattr(self, p)) for p in self.PARTS] + [("total", self.total)]
 
 
-def _params_sharded(cfg) -> bool:
-  """True when every parameter is FSDP-sharded over `data` (a lone `.*` rule)."""
-  kinds = {kind for _, kind in cfg.param_sharding}
-  if kinds == {"fsdp"}:
-    return True
-  if kinds == {"replicated"}:
-    return False
-  raise ConfigError(f"the memory estimate handles all-replicated or all-fsdp param_sharding, got {cfg.param_sharding!r}")
+def _fsdp_ways(cfg, num_devices: int) -> int:
+  """Over how many devices every parameter is split: 1 (replicated), or the size of the one mesh
+  axis all rules shard over. `min_size_mb` is not modelled (the small parameters it keeps
+  replicated are a rounding error next to the large ones)."""
+  parsed = {rules.parse_sharding(value) for _, value in cfg.param_sharding}
+  if all(not r.fsdp for r in parsed):
+    return 1
+  axes = {r.axis for r in parsed if r.fsdp}
+  if len(axes) == 1 and all(r.fsdp for r in parsed):
+    return cfg.mesh_model if axes == {"model"} else num_devices // cfg.mesh_model
+  raise ConfigError(f"the memory estimate handles all-replicated param_sharding or FSDP of every parameter over "
+                    f"one axis, got {cfg.param_sharding!r}")
 
 
 def estimate(cfg, num_devices: int, num_blocks: int, *, index_dtype: str = "float32", remat: bool = False,
@@ -160,9 +165,10 @@ def estimate(cfg, num_devices: int, num_blocks: int, *, index_dtype: str = "floa
   b = micro // data
 
   p = realm_params(m) * 4
-  p_dev = -(-p // data) if _params_sharded(cfg) else p
+  ways = _fsdp_ways(cfg, num_devices)
+  p_dev = -(-p // ways)
   opt = (2 + (1 if cfg.grad_accum_steps > 1 else 0)) * p_dev
-  grads = p_dev if not _params_sharded(cfg) else p  # gradients of replicated-compute are full size
+  grads = p  # gradients of replicated compute are full size
 
   rows = -(-num_blocks // num_devices)  # rows per device, padded to a multiple of the shard count
   realm = cfg.task == "realm"
@@ -212,8 +218,8 @@ def max_per_device_batch(cfg, num_devices: int, num_blocks: int, hbm_bytes: int,
 
 def encoder_flops(b: BertConfig, seq_len: int) -> int:
   """Forward FLOPs of one `seq_len`-token sequence through BertEncoder (matmuls; 2 per MAC)."""
-  h, i, l = b.hidden_size, b.intermediate_size, seq_len
-  layer = 2 * l * (4 * h * h + 2 * h * i) + 2 * 2 * l * l * h  # projections + FFN, QK^T and PV
+  h, i, n = b.hidden_size, b.intermediate_size, seq_len
+  layer = 2 * n * (4 * h * h + 2 * h * i) + 2 * 2 * n * n * h  # projections + FFN, QK^T and PV
   return b.num_layers * layer
 
 

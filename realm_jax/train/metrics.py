@@ -8,12 +8,13 @@ import os
 import tempfile
 import time
 
+from realm_jax import layout
 from realm_jax.storage import Storage
 
 
 def read_metrics(storage: Storage, name: str) -> list[dict]:
   """The rows of `metrics/<name>.jsonl` on a storage root ([] when there is none yet)."""
-  path = f"metrics/{name}.jsonl"
+  path = f"{layout.METRICS}/{name}.jsonl"
   if not storage.exists(path):
     return []
   return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line]
@@ -31,13 +32,10 @@ class MetricsWriter:
       return
     self.rows = read_metrics(storage, name)  # a resumed run appends to its earlier log
     from tensorboardX import SummaryWriter
-    if storage.kind == "local":
-      self._tb_dir = str(storage.local_path(f"metrics/tb-{name}"))
-      os.makedirs(self._tb_dir, exist_ok=True)
-      self._upload = False
-    else:  # object stores: write locally, upload the event files at each flush
-      self._tb_dir = tempfile.mkdtemp(prefix="realm-jax-tb-")
-      self._upload = True
+    on_disk = storage.on_disk(f"{layout.METRICS}/tb-{name}")
+    self._upload = on_disk is None  # object stores: write locally, upload the event files at each flush
+    self._tb_dir = tempfile.mkdtemp(prefix="realm-jax-tb-") if self._upload else str(on_disk)
+    os.makedirs(self._tb_dir, exist_ok=True)
     self._tb = SummaryWriter(self._tb_dir, flush_secs=30)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -53,10 +51,10 @@ class MetricsWriter:
       return
     self._tb.flush()
     data = "".join(json.dumps(r) + "\n" for r in self.rows).encode()
-    self.storage.write_bytes(f"metrics/{self.name}.jsonl", data)
+    self.storage.write_bytes(f"{layout.METRICS}/{self.name}.jsonl", data)
     if self._upload:
       for fname in os.listdir(self._tb_dir):
-        self.storage.put_file(os.path.join(self._tb_dir, fname), f"metrics/tb-{self.name}/{fname}")
+        self.storage.put_file(os.path.join(self._tb_dir, fname), f"{layout.METRICS}/tb-{self.name}/{fname}")
 
   def close(self) -> None:
     if self.enabled:
@@ -65,6 +63,7 @@ class MetricsWriter:
 
 
 def progress_line(step: int, total: int, scalars: dict[str, float], examples_per_s: float, eta_s: float) -> str:
+  """`step 12/200 loss=3.1 ... ex/s=4.2 ETA 1m05s`: one log line per reported step."""
   shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k != "gold_count")
   eta = f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s" if eta_s == eta_s else "?"
   return f"step {step}/{total} {shown} ex/s={examples_per_s:.1f} ETA {eta}"

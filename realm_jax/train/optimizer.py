@@ -4,12 +4,13 @@ multipliers by path regex (big_vision's `lr_mults`)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from realm_jax.rules import first_match, key_names, param_path
 
 
 def bert_warmup_steps(total_steps: int) -> int:
@@ -38,7 +39,8 @@ def scale_by_adam_no_bias_correction(b1: float = 0.9, b2: float = 0.999, eps: fl
   """Adam's update m / (sqrt(v) + eps) without bias correction, as BERT's AdamWeightDecayOptimizer."""
 
   def init(params):
-    zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)
+    def zeros(p):
+      return jnp.zeros_like(p, dtype=jnp.float32)
     return ScaleByAdamState(mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
 
   def update(updates, state, params=None):
@@ -50,19 +52,9 @@ def scale_by_adam_no_bias_correction(b1: float = 0.9, b2: float = 0.999, eps: fl
   return optax.GradientTransformation(init, update)
 
 
-def _names(path: tuple) -> list[str]:
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  return [n for n in names if n not in ("value", "raw_value")]  # nnx.Variable's own attribute
-
-
-def param_path(path: tuple) -> str:
-  """A pytree key path as the `a/b/c` string that `lr_mults` and `param_sharding` rules search."""
-  return "/".join(_names(path))
-
-
 def _is_decayed(path: tuple, _leaf) -> bool:
   """Weight decay applies to kernels and embeddings, not to LayerNorm parameters or biases."""
-  names = _names(path)
+  names = key_names(path)
   return not (any("norm" in n for n in names) or names[-1] in ("bias", "output_bias"))
 
 
@@ -73,8 +65,7 @@ def decay_mask(params: Any) -> Any:
 def lr_multiplier(rules: Sequence[tuple[str, float]], path: tuple) -> float:
   """The multiplier of the first rule whose regex is found in the parameter's path
   (`retriever/query_embedder/bert/...`, `encoder/mlm/...`); 1 when none matches."""
-  name = param_path(path)
-  return next((float(m) for r, m in rules if re.search(r, name)), 1.0)
+  return float(first_match(rules, param_path(path), 1.0))
 
 
 def scale_by_lr_mults(rules: Sequence[tuple[str, float]]) -> optax.GradientTransformation:

@@ -1,22 +1,29 @@
-"""The REALM pre-training loss, read top to bottom: retrieve, re-embed, read, marginalise.
+"""The REALM pre-training step, read top to bottom: retrieve, re-embed, read, marginalise, update.
 
 1. embed the masked query with the query tower;
 2. retrieve the top k-1 blocks from the (stale) index on the mesh, excluding the query's own block;
 3. prepend the null document; re-embed all k candidates with the *current* document tower, so the
    gradient reaches both towers (the stale index only chooses the candidates);
 4. run the knowledge-augmented encoder over `[CLS] query [SEP] body [SEP]` for every candidate;
-5. maximise log sum_z p(z|x) p(y|z,x) (per token by default, per span behind a flag).
+5. maximise log sum_z p(z|x) p(y|z,x) (per token by default, per span behind a flag);
+6. `train_step`: gradients of that loss (or of the ICT loss) and one optimizer update.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from realm_jax.models import marginal_log_likelihood, relevance_scores
 from realm_jax.retrieval import mips
 from realm_jax.train.device_corpus import DeviceCorpus, doc_inputs_from_tokens, gather_rows, joint_inputs
+
+if TYPE_CHECKING:
+  from realm_jax.train.config import TrainConfig
 
 
 def retrieve_candidates(query_emb: jax.Array, index: mips.RowShardedEmbeddings, exclude: jax.Array,
@@ -93,11 +100,30 @@ def realm_metrics(logits, scores, aux, batch, ids, loss) -> dict[str, jax.Array]
 def ict_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ORQA's Inverse Cloze Task: each sentence must pick its own block among every block of the
   global batch (in-batch softmax; under jit the batch-sharded embeddings are all-gathered)."""
-  q = model.retriever.embed_queries(batch["query_input_ids"], batch["query_attention_mask"], batch["query_token_type_ids"])
-  d = model.retriever.embed_docs(batch["block_input_ids"], batch["block_attention_mask"], batch["block_token_type_ids"])
+  q = model.retriever.embed_queries(batch["query_input_ids"], batch["query_attention_mask"],
+                                    batch["query_token_type_ids"])
+  d = model.retriever.embed_docs(batch["block_input_ids"], batch["block_attention_mask"],
+                                 batch["block_token_type_ids"])
   logits = q @ d.T  # [B, B]
   labels = jnp.arange(q.shape[0])
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   loss = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
   accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
   return loss, {"loss": loss, "ict_accuracy": accuracy}
+
+
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], corpus: DeviceCorpus | None,
+               index: mips.RowShardedEmbeddings | None, *, cfg: TrainConfig) -> tuple[nnx.State, dict[str, Any]]:
+  """One optimizer step on the `(model, optimizer)` state: the REALM (or ICT) loss, its gradients,
+  the update. The trainer jits it with the state donated and its shardings kept (`train/loop.py`)."""
+  model, optimizer = nnx.merge(graphdef, state)
+
+  def loss_fn(model):
+    if cfg.task == "ict":
+      return ict_loss(model, batch)
+    return realm_loss(model, batch, corpus, index, per_span=cfg.model.marginal == "span", approx=cfg.approx_top_k)
+
+  (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  optimizer.update(model, grads)
+  return nnx.state((model, optimizer)), metrics

@@ -131,8 +131,9 @@ def run(workdir: str | pathlib.Path, recipe: Recipe = Recipe()) -> Result:
   before = recall_at(trainer.model, root, people)
   hist = trainer.run().history
   after = recall_at(trainer.model, root, people)
-  series = lambda key: [h[key] for h in hist]
+  utility = [h["retrieval_utility"] for h in hist]
+  accuracy = [h["mlm_accuracy"] for h in hist]
   return Result(recipe, float(before.mean()), float(after.mean()), reading,
-                float(np.mean(series("retrieval_utility")[:10])), float(np.mean(series("retrieval_utility")[-10:])),
-                float(np.mean(series("mlm_accuracy")[:10])), float(np.mean(series("mlm_accuracy")[-10:])),
+                float(np.mean(utility[:10])), float(np.mean(utility[-10:])),
+                float(np.mean(accuracy[:10])), float(np.mean(accuracy[-10:])),
                 hist[0]["p_z_entropy"], hist[-1]["p_z_entropy"], time.perf_counter() - t0, hist)

@@ -4,9 +4,9 @@ CuratedTrec answers are regular expressions: exact match is ORQA's regex match; 
 only answers that are plain literals are located in the blocks (see docs/OPENQA.md).
 """
 
-from realm_jax.openqa.config import load_finetune_config
-from realm_jax.openqa.config import FinetuneConfig
+from realm_jax.openqa.config import FinetuneConfig, load_finetune_config
 
 
 def get_config() -> FinetuneConfig:
-  return load_finetune_config("openqa_nq").replace(eval_questions="ct-test", num_train_steps=1_000, checkpoint_every=250)
+  return load_finetune_config("openqa_nq").replace(eval_questions="ct-test", num_train_steps=1_000,
+                                                   checkpoint_every=250)

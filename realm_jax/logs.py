@@ -1,0 +1,53 @@
+"""One logging path: every library line goes to a stdlib `logging` logger under `realm_jax`.
+
+Library code never prints: it logs, and the CLI (`configure`, `--log-level`) decides what reaches
+the terminal, with timestamps. `RunLog` is what the long-running roles (trainer, fine-tuner,
+refresher) log through: their logger, plus an optional listener that also receives each line (the
+demo's console UI, or a test reading the lines back).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+LEVELS = ("debug", "info", "warning", "error")
+# Loggers of libraries we call whose INFO/WARNING lines are notes to their own developers (orbax
+# through absl: "read-only manager", "no checkpoint found"), shown only at --log-level debug.
+QUIET_LIBRARIES = ("absl", "orbax", "jax._src.xla_bridge")
+
+
+def configure(level: str = "info") -> None:
+  """Timestamped lines on stderr: realm_jax's at `level`, other libraries' warnings and up (their
+  notes only at `debug`). Called once by the CLI; library code never calls it."""
+  numeric = getattr(logging, level.upper())
+  logging.basicConfig(level=logging.WARNING, format=FORMAT, datefmt=DATE_FORMAT)
+  logging.getLogger("realm_jax").setLevel(numeric)
+  for name in QUIET_LIBRARIES:
+    logging.getLogger(name).setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
+
+
+class RunLog:
+  """Logs a role's lines to `logging.getLogger(name)`; `listener(line)` also gets each one.
+
+  With `chief=False` (processes other than 0 of a multi-host job) INFO lines are dropped, so one
+  log tells the run's story; warnings are kept on every process."""
+
+  def __init__(self, name: str, listener: Callable[[str], None] | None = None, chief: bool = True):
+    self.logger = logging.getLogger(name)
+    self.listener, self.chief = listener, chief
+
+  def __call__(self, message: str, level: int = logging.INFO) -> None:
+    self._emit(message, level)
+
+  def warning(self, message: str) -> None:
+    self._emit(message, logging.WARNING)
+
+  def _emit(self, message: str, level: int) -> None:
+    if level < logging.WARNING and not self.chief:
+      return
+    self.logger.log(level, "%s", message, stacklevel=3)  # the line that called the RunLog
+    if self.listener is not None:
+      self.listener(message)

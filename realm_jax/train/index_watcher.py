@@ -1,0 +1,86 @@
+"""The trainer's view of the index: the version in use on the mesh, and a thread that loads newer ones.
+
+`IndexWatcher` polls `index/LATEST` off the critical path, loads and verifies a newer version and
+hands it to the loop, which swaps it in between steps (`Trainer._maybe_swap_index`). A version that
+fails to load is logged once and skipped; the trainer keeps the index it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+from realm_jax import layout, publish
+from realm_jax.data.corpus import CorpusReader
+from realm_jax.errors import RealmError
+from realm_jax.logs import RunLog
+from realm_jax.retrieval import index as index_lib, mips
+from realm_jax.storage import Storage
+
+
+@dataclasses.dataclass
+class ActiveIndex:
+  """The index version the step retrieves from, placed on the mesh (and its ScaNN searcher)."""
+
+  info: index_lib.IndexInfo
+  on_mesh: mips.RowShardedEmbeddings
+  searcher: Any = None  # ScaNN, for cfg.retrieval == "scann"
+
+
+class IndexWatcher(threading.Thread):
+  """Polls `index/LATEST`; loads and verifies a newer version off the critical path.
+
+  The loop calls `take()` between steps; a bad version is logged and skipped (the trainer keeps
+  its current index).
+  """
+
+  def __init__(self, storage: Storage, corpus: CorpusReader, current: str, poll_s: float, with_searcher: bool,
+               log: RunLog):
+    super().__init__(daemon=True, name="realm-index-watcher")
+    self.storage, self.corpus, self.poll_s, self.log = storage, corpus, poll_s, log
+    self.current, self.with_searcher = current, with_searcher
+    self._ready: tuple[index_lib.LoadedIndex, Any] | None = None
+    self._lock = threading.Lock()
+    self._stop = threading.Event()
+    self.rejected: list[str] = []
+
+  def run(self) -> None:
+    while not self._stop.wait(self.poll_s):
+      info = None
+      try:
+        info = index_lib.latest_index_info(self.storage)
+        if info is None or info.version == self.current or info.version in self.rejected:
+          continue
+        t0 = time.perf_counter()
+        loaded = index_lib.load_index(self.storage, info.version, corpus=self.corpus)
+        searcher = loaded.load_searcher() if self.with_searcher else None
+        with self._lock:
+          self._ready = (loaded, searcher)
+        self.current = info.version
+        self.log(f"index watcher: loaded {info.version} (checkpoint step {info.step}) in "
+                 f"{time.perf_counter() - t0:.1f}s; swapping in at the next step")
+      except RealmError as e:
+        bad = getattr(e, "version", None) or (info.version if info else self._latest_name())
+        if bad not in self.rejected:
+          self.rejected.append(bad)
+          self.log.warning(f"index watcher: refused index version {bad}: {e}; keeping the current index")
+      except Exception as e:  # storage hiccups: try again at the next poll
+        self.log.warning(f"index watcher: {type(e).__name__}: {e}")
+
+  def _latest_name(self) -> str:
+    """The version LATEST names, read raw (for log lines when its manifest is unreadable)."""
+    try:
+      return str(self.storage.read_json(f"{layout.INDEX}/{publish.LATEST}").get("version", "?"))
+    except Exception:  # noqa: BLE001 - only for a log line
+      return "?"
+
+  def take(self) -> tuple[index_lib.LoadedIndex, Any] | None:
+    """The version loaded since the last call (and its searcher), or None."""
+    with self._lock:
+      ready, self._ready = self._ready, None
+    return ready
+
+  def stop(self) -> None:
+    self._stop.set()
