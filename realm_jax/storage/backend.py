@@ -87,6 +87,11 @@ class Backend(Protocol):
   def read(self, key: str, generation: int | None) -> bytes:
     """The object's bytes (exactly `generation` when given), else ObjectNotFound."""
 
+  def read_range(self, key: str, start: int, length: int, generation: int | None) -> bytes:
+    """`length` bytes from offset `start` (fewer at the end of the object), else ObjectNotFound.
+    `generation` pins the read on GCS; local and memory objects are written once (create-only)
+    and callers verify ranges by their own checksums."""
+
   def token(self, key: str) -> tuple[bytes | None, int]:
     """(bytes, generation) for a later compare-and-swap; (None, 0) when absent."""
 

@@ -159,6 +159,21 @@ class GcsBackend:
     except gex.GoogleAPICallError as e:
       raise StorageError(f"{self.uri(key)}: read failed: {e}") from e
 
+  def read_range(self, key: str, start: int, length: int, generation: int | None) -> bytes:
+    if length <= 0:
+      return b""
+    from google.api_core import exceptions as gex
+    try:
+      return self.bucket.blob(self._k(key), generation=generation).download_as_bytes(
+          start=start, end=start + length - 1)  # `end` is inclusive
+    except gex.NotFound:
+      raise ObjectNotFound(f"{self.uri(key)}: no such object" +
+                           (f" at generation {generation}" if generation else "")) from None
+    except gex.RequestRangeNotSatisfiable:
+      return b""  # start at or past the end of the object
+    except gex.GoogleAPICallError as e:
+      raise StorageError(f"{self.uri(key)}: read failed: {e}") from e
+
   @contextlib.contextmanager
   def _preconditions(self, key: str, if_generation_match: int | None):
     from google.api_core import exceptions as gex

@@ -95,6 +95,14 @@ class LocalBackend:
       raise ObjectNotFound(f"{self.uri(key)}: changed since generation {generation} was read")
     return data
 
+  def read_range(self, key: str, start: int, length: int, generation: int | None) -> bytes:
+    try:
+      with open(self._p(key), "rb") as f:
+        f.seek(start)
+        return f.read(length)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+      raise ObjectNotFound(f"{self.uri(key)}: no such file") from None
+
   def token(self, key: str) -> tuple[bytes | None, int]:
     try:
       data = self._p(key).read_bytes()

@@ -56,6 +56,13 @@ class MemoryBackend:
       raise ObjectNotFound(f"{self.uri(key)}: changed since generation {generation} was read")
     return data
 
+  def read_range(self, key: str, start: int, length: int, generation: int | None) -> bytes:
+    p = self._p(key)
+    with _MEMORY_LOCK:
+      if not self.fs.isfile(p):
+        raise ObjectNotFound(f"{self.uri(key)}: no such object")
+      return self.fs.cat_file(p, start=start, end=start + length)
+
   def write(self, key: str, data: bytes, if_generation_match: int | None) -> ObjectInfo:
     with _MEMORY_LOCK:
       if if_generation_match is not None:

@@ -107,6 +107,13 @@ class Storage:
     """The object's bytes; with `generation`, exactly that version or ObjectNotFound."""
     return self.backend.read(_check_rel(path), generation)
 
+  def read_range(self, path: str, start: int, length: int, *, generation: int | None = None) -> bytes:
+    """`length` bytes of the object from byte `start` (fewer at its end): a process reads only
+    its rows of a large file. On GCS `generation` pins the read to that version of the object."""
+    if start < 0 or length < 0:
+      raise StorageError(f"{self.uri(path)}: bad byte range start={start} length={length}")
+    return self.backend.read_range(_check_rel(path), start, length, generation)
+
   def read_with_generation(self, path: str) -> tuple[bytes | None, int]:
     """(bytes, generation) for a later compare-and-swap; (None, 0) when absent."""
     return self.backend.token(_check_rel(path))
