@@ -68,7 +68,7 @@ def ours_step(cfg, batch, num_blocks, rng):
   """A zero-argument callable running one of our train steps (state carried between calls)."""
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   doc, body, b, sp = make_inputs(cfg, batch, num_blocks, rng)
-  corpus = device_corpus.place_corpus(doc, body, mesh, sp)
+  corpus = device_corpus.place_host_rows(doc.astype(np.uint16), mesh, sp)
   index = mips.shard_rows(rng.normal(size=(num_blocks, cfg.retriever_dim)).astype(np.float32), mesh)
   model = RealmModel(cfg, rngs=nnx.Rngs(0))
   model.train()
@@ -99,9 +99,8 @@ def ours_step(cfg, batch, num_blocks, rng):
     c = cfg.num_candidates
     q_emb = m.retriever.embed_queries(b["input_ids"], b["attention_mask"], b["token_type_ids"])
     ids = realm_step.retrieve_candidates(q_emb, index, b["block_id"], c, False)
-    null_doc, null_body = realm_step.null_document(corpus, batch, cfg.block_len)
-    cand = jnp.concatenate([null_doc, device_corpus.gather_rows(corpus.doc_tokens, ids)], 1)
-    bodies = jnp.concatenate([null_body, device_corpus.gather_rows(corpus.body_tokens, ids)], 1)
+    cand = jnp.concatenate([realm_step.null_document(corpus, batch), device_corpus.gather_rows(corpus.tokens, ids)], 1)
+    bodies = device_corpus.body_from_doc(cand, sp.sep_id, sp.pad_id)
     joint = device_corpus.joint_inputs(b["input_ids"], b["attention_mask"], bodies, sp.pad_id)
     pos = jnp.broadcast_to(b["mlm_positions"][:, None], (batch, c, 10))
     parts = {

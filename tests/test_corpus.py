@@ -230,23 +230,55 @@ def test_reader_round_trip_on_every_root(storage_root, tmp_path, wiki_docs, voca
   assert [x.tolist() for x in shard.body_ids] == [every[i].body_ids.tolist() for i in range(7, 14)]
   with pytest.raises(CorpusError, match=rf"block id {n} out of range"):
     reader.get_blocks([n])
+  # Row ranges read only their chunks and give the rows of the whole-shard reads.
+  assert reader.token_dtype == np.uint16 and manifest["token_dtype"] == "uint16"
+  doc_rows = np.concatenate([reader.read_shard(i).tokens for i in range(reader.num_shards)])
+  for lo, hi in [(0, n), (3, 17), (n - 1, n), (5, 5)]:
+    np.testing.assert_array_equal(reader.token_rows(lo, hi), doc_rows[lo:hi])
+    view = reader.training_view(lo, hi)
+    assert view.text is None and view.block_ids.tolist() == list(range(lo, hi))
+    for i, block in enumerate(view):
+      want = every[lo + i]
+      assert block.text is None and block.block_id == want.block_id
+      for field in ("title_ids", "body_ids", "sentence_tokens", "salient_tokens"):
+        np.testing.assert_array_equal(getattr(block, field), getattr(want, field), err_msg=field)
+  with pytest.raises(CorpusError, match=r"block range \[3, 9999\) is outside"):
+    reader.token_rows(3, 9999)
 
 
 def test_corrupt_or_missing_shards_are_refused(tmp_path, wiki_docs, vocab):
   docs = _write_jsonl(tmp_path / "docs.jsonl", _small_docs(wiki_docs, 2))
   root = tmp_path / "root"
   build_corpus([docs], str(root), tokenizer=vocab, shard_blocks=4)
-  shard = root / "corpus" / "shard-00001.npz"
-  data = bytearray(shard.read_bytes())
-  data[-40] ^= 0xFF
-  shard.write_bytes(bytes(data))
-  reader = CorpusReader(str(root))
-  reader.read_shard(0)
-  with pytest.raises(CorpusError, match=r"shard-00001\.npz: size/sha256 differ"):
-    reader.read_shard(1)
-  (root / "corpus" / "shard-00002.npz").unlink()
-  with pytest.raises(CorpusError, match=r"shard-00002\.npz: shard listed in the manifest is missing"):
+  for name in ("text-00001.npz", "spans-00001.npz", "tokens-00001.npy"):
+    shard = root / "corpus" / name
+    data = bytearray(shard.read_bytes())
+    data[-40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    reader = CorpusReader(str(root))
+    reader.read_shard(0)
+    with pytest.raises(CorpusError, match=rf"{name}: size/sha256 differ"):
+      reader.read_shard(1)
+    data[-40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+  reader.read_shard(1)
+  # A flipped byte in the token rows fails the chunk checksum of a range read, and only that chunk.
+  tokens = root / "corpus" / "tokens-00001.npy"
+  data = bytearray(tokens.read_bytes())
+  data[-1] ^= 0xFF
+  tokens.write_bytes(bytes(data))
+  reader.token_rows(0, 4)
+  with pytest.raises(CorpusError, match=r"tokens-00001\.npy: rows 0\.\.3 fail their checksum"):
+    reader.token_rows(2, 6)
+  tokens.write_bytes(bytes(data[:-10]))
+  with pytest.raises(CorpusError, match=r"tokens-00001\.npy: shorter than its manifest says"):
+    reader.token_rows(4, 8)
+  (root / "corpus" / "spans-00002.npz").unlink()
+  with pytest.raises(CorpusError, match=r"spans-00002\.npz: shard file listed in the manifest is missing"):
     reader.read_shard(2)
+  (root / "corpus" / "tokens-00002.npy").unlink()
+  with pytest.raises(CorpusError, match=r"tokens-00002\.npy: missing"):
+    reader.token_rows(8, 9)
   with pytest.raises(CorpusError, match="no corpus manifest"):
     CorpusReader(str(tmp_path / "elsewhere"))
 
@@ -260,8 +292,8 @@ def test_existing_corpus_needs_overwrite_and_stale_shards_go(tmp_path, wiki_docs
     build_corpus([few], root, tokenizer=vocab, shard_blocks=3)
   small = build_corpus([few], root, tokenizer=vocab, shard_blocks=3, overwrite=True)
   assert small["num_blocks"] < big["num_blocks"]
-  on_disk = sorted(p.name for p in (tmp_path / "root" / "corpus").glob("shard-*.npz"))
-  assert on_disk == [s["path"] for s in small["shards"]]
+  on_disk = sorted(p.name for p in (tmp_path / "root" / "corpus").glob("*-*.np?"))
+  assert on_disk == sorted(s[kind]["path"] for s in small["shards"] for kind in ("tokens", "spans", "text"))
   assert CorpusReader(root).num_blocks == small["num_blocks"]
 
 
@@ -280,7 +312,9 @@ def test_memory_stays_bounded_by_the_shard(tmp_path, wiki_docs, vocab):
     peaks.append(tracemalloc.get_traced_memory()[1])
     tracemalloc.stop()
     blocks.append(manifest)
-  written = sum(s["size"] for s in blocks[1]["shards"]) - sum(s["size"] for s in blocks[0]["shards"])
+  def size(manifest):
+    return sum(s[kind]["size"] for s in manifest["shards"] for kind in ("tokens", "spans", "text"))
+  written = size(blocks[1]) - size(blocks[0])
   grown = peaks[1] - peaks[0]
   print(f"\npeak {peaks[0] / 1e6:.1f} MB for {blocks[0]['num_blocks']} blocks, "
         f"{peaks[1] / 1e6:.1f} MB for {blocks[1]['num_blocks']} blocks ({written / 1e6:.1f} MB more written)")

@@ -129,9 +129,9 @@ def test_batched_forms_stack_the_single_ones(blocks, vocab):
     np.testing.assert_array_equal(qb["input_ids"][i], one_qb["input_ids"])
     one_rd = features.reader_inputs(queries[i], bodies[i], 320, tok)
     np.testing.assert_array_equal(rd["block_mask"][i], one_rd["block_mask"])
-  from realm_jax.data.corpus import decode_shard, encode_shard
+  from realm_jax.data.shards import decode_shard, encode_shard
 
-  shard = features.blocks_doc_inputs(decode_shard(encode_shard(blocks)), 288, tok)  # vectorised path
+  shard = features.blocks_doc_inputs(decode_shard(encode_shard(blocks, 288, tok)), 288, tok)  # vectorised path
   looped = features.batch_doc_inputs([b.title_ids for b in blocks], [b.body_ids for b in blocks], 288, tok)
   for k in looped:
     np.testing.assert_array_equal(shard[k], looped[k])
@@ -143,14 +143,14 @@ def test_batched_forms_stack_the_single_ones(blocks, vocab):
 @pytest.mark.parametrize("block_len", [288, 64, 8, 3])
 def test_vectorised_shard_path_equals_the_loop(tmp_path, block_len, vocab):
   from realm_jax.data.blocks import Block
-  from realm_jax.data.corpus import decode_shard, encode_shard
+  from realm_jax.data.shards import decode_shard, encode_shard
 
   tok = load_tokenizer(vocab)
   texts = [("Paris", "Paris is the capital of France."), ("", "A block without a title."),
            ("Long title " * 5, "x " * 300), ("Rome", "")]
   blocks = [Block(i, t, b, tok.encode(t).ids, tok.encode(b).ids, tok.encode(b).offsets, [], [])
             for i, (t, b) in enumerate(texts)]
-  shard = decode_shard(encode_shard(blocks))
+  shard = decode_shard(encode_shard(blocks, 400, tok))  # stored rows longer or shorter than asked
   fast = features.blocks_doc_inputs(shard, block_len, tok)
   slow = features.batch_doc_inputs([b.title_ids for b in blocks], [b.body_ids for b in blocks], block_len, tok)
   for k in slow:

@@ -122,7 +122,9 @@ def test_processes_get_disjoint_equal_shards():
     for j in range(i + 1, count):
       assert not seen[i] & seen[j]
   assert set().union(*seen) == set(range(n // count * count))
-  assert pipeline.shard_indices(n, 3, count) == range(3, 100, 4)
+  assert [pipeline.shard_indices(n, i, count) for i in range(count)] == [range(0, 25), range(25, 50), range(50, 75),
+                                                                         range(75, 100)]  # contiguous runs
+  assert seen[3] == set(range(75, 100))
   with pytest.raises(Exception, match="too few"):
     pipeline.make_loader(Records(3), plain, 1, seed=0, shard_index=0, shard_count=4)
 

@@ -26,6 +26,13 @@ def _build(args: argparse.Namespace) -> int:
   return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+  from realm_jax.data.corpus_v1 import convert_corpus_v1
+
+  convert_corpus_v1(args.storage, args.prefix)
+  return 0
+
+
 def _info(args: argparse.Namespace) -> int:
   from realm_jax.data.corpus import CorpusReader
 
@@ -104,6 +111,13 @@ def register(sub) -> None:
   prep.add_argument("--prefix", default="corpus")
   prep.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data dir (local or gs://)")
   prep.set_defaults(func=_tfds)
+
+  convert = cmds.add_parser("convert", help="convert a format-1 corpus (shard-*.npz) to format 2 in place",
+                            description="Writes the format-2 files next to the old ones, then the new "
+                            "manifest; the old shard-*.npz files are left for you to delete.")
+  convert.add_argument("--storage", required=True, metavar="URI", help="storage root holding the corpus")
+  convert.add_argument("--prefix", default="corpus")
+  convert.set_defaults(func=_convert)
 
   info = cmds.add_parser("info", help="print the corpus manifest")
   info.add_argument("--storage", required=True, metavar="URI")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import os
 import pathlib
 import struct
@@ -284,24 +283,17 @@ def write_corpus(storage, records: Iterator[tuple[str, str]], shard_blocks: int,
   manifest_path = f"{prefix}/{corpus_lib.MANIFEST}"
   if storage.exists(manifest_path):
     raise IndexConversionError(f"{storage.uri(manifest_path)} exists: a corpus is already there")
-  shards, n, t0 = [], 0, time.perf_counter()
+  writer = corpus_lib.ShardWriter(storage, prefix, shard_blocks, block_len, tok)
+  t0 = time.perf_counter()
 
   def flush(batch):
-    nonlocal n
     titles = tok.encode_batch([t for t, _ in batch])
     bodies = tok.encode_batch([b for _, b in batch])
     spans = tag.tag_batch([b for _, b in batch]) if tag else [[] for _ in batch]
-    out = []
     for (title, text), t_enc, b_enc, sal in zip(batch, titles, bodies, spans):
-      out.append(Block(block_id=n, title=title, text=text, title_ids=t_enc.ids, body_ids=b_enc.ids,
+      writer.add(Block(block_id=-1, title=title, text=text, title_ids=t_enc.ids, body_ids=b_enc.ids,
                        body_offsets=b_enc.offsets, sentences=corpus_lib.split_sentences(text) or [(0, len(text))],
                        salient_spans=sal))
-      n += 1
-    data = corpus_lib.encode_shard(out)
-    name = f"shard-{len(shards):05d}.npz"
-    storage.write_bytes(f"{prefix}/{name}", data)
-    shards.append({"path": name, "first_block": out[0].block_id, "num_blocks": len(out), "size": len(data),
-                   "sha256": hashlib.sha256(data).hexdigest()})
 
   batch = []
   for record in records:
@@ -311,17 +303,12 @@ def write_corpus(storage, records: Iterator[tuple[str, str]], shard_blocks: int,
       batch = []
   if batch:
     flush(batch)
-  tok_files = {}
-  for name, data in sorted(tok.files().items()):
-    storage.write_bytes(f"{prefix}/tokenizer/{name}", data)
-    tok_files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-  seconds = time.perf_counter() - t0
-  manifest = {"format": corpus_lib.FORMAT, "version": corpus_lib.VERSION, "num_blocks": n, "block_len": block_len,
-              "tokenizer": {**tok.spec(), "files": tok_files}, "tagger": getattr(tag, "name", "none"),
-              "shard_blocks": shard_blocks, "shards": shards,
-              "stats": {"documents": n, "seconds": round(seconds, 3),
-                        "blocks_per_second": round(n / max(seconds, 1e-9), 1)},
-              "inputs": ["ORQA block records (realm-jax convert index)"]}
+  writer.flush()
+  n, seconds = writer.next_id, time.perf_counter() - t0
+  manifest = writer.manifest(corpus_lib.write_tokenizer(storage, prefix, tok), getattr(tag, "name", "none"),
+                             {"documents": n, "seconds": round(seconds, 3),
+                              "blocks_per_second": round(n / max(seconds, 1e-9), 1)},
+                             ["ORQA block records (realm-jax convert index)"])
   storage.write_json(manifest_path, manifest)
   return manifest
 

@@ -5,17 +5,17 @@ of at most `block_len` tokens; a sentence longer than the budget is cut on token
 (between words when it can).
 Block ids are consecutive from 0 in input order (row i of the index embeds block i).
 
-Layout under `<root>/<prefix>/` (default prefix `corpus`):
-  shard-00000.npz ...   one per `shard_blocks` blocks, written as each fills (bounded memory);
-                        `np.savez` (no pickle; `data/shards.py`): `block_ids` int64, and for
-                        each ragged field a flat array plus `<field>_splits` int64 [n+1] row
-                        boundaries:
-                        `title_ids`, `body_ids` int32; `body_offsets`, `sentences`,
-                        `salient_spans` int32 [., 2] (char offsets into the block text);
-                        `titles`, `texts` as UTF-8 bytes (uint8).
+Layout under `<root>/<prefix>/` (default prefix `corpus`), format version 2:
+  tokens-00000.npy      per `shard_blocks` blocks, written as each shard fills (bounded memory):
+  spans-00000.npz       the blocks' document-tower token rows (uint16), their training spans and
+  text-00000.npz        their text (`data/shards.py` says what each file holds; no pickle).
   tokenizer/...         the tokenizer's own files, so the corpus is self-describing.
-  manifest.json         written last: num_blocks, block_len, tokenizer spec, tagger, shards with
-                        block ranges, sizes and sha256, build statistics.
+  manifest.json         written last: num_blocks, block_len, token dtype, tokenizer spec, tagger,
+                        shards with block ranges, each file's size and sha256, and for the token
+                        files the byte offset of row 0 and a CRC32C per `chunk_rows` rows, so a
+                        process that reads only its rows (by byte range) still verifies them.
+Version 1 corpora (one `shard-*.npz` per shard) are refused with the command that converts them
+(`realm-jax corpus convert`, `data/corpus_v1.py`).
 """
 
 from __future__ import annotations
@@ -28,15 +28,21 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from realm_jax.data.blocks import Block
+from realm_jax.data.corpus_reader import (  # noqa: F401  (FORMAT, VERSION, CorpusReader re-exported)
+  FORMAT,
+  MANIFEST,
+  VERSION,
+  CorpusReader,
+  open_storage,
+)
 from realm_jax.data.documents import Document, read_documents
 from realm_jax.data.salient import Tagger, get_tagger, title_mentions
 from realm_jax.data.sentences import split_sentences
-from realm_jax.data.shards import BlockShard, CorpusError, decode_shard, encode_shard
-from realm_jax.data.tokenizer import Encoding, Tokenizer, load_tokenizer, tokenizer_from_files
+from realm_jax.data.shards import CorpusError, encode_shard, file_names, token_dtype
+from realm_jax.data.tokenizer import Encoding, Tokenizer, load_tokenizer
+from realm_jax.storage.row_files import CHUNK_ROWS, RowFile
 
-FORMAT = "realm-jax-corpus"
-VERSION = 1
-MANIFEST = "manifest.json"
+SHARD_FILE = re.compile(r"(?:tokens|spans|text)-\d+\.np[yz]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,23 +125,20 @@ def pack_document(doc: Document, title_enc: Encoding, body_enc: Encoding,
 # Building.
 
 
-def _open_storage(storage):
-  if hasattr(storage, "read_bytes"):
-    return storage
-  from realm_jax.storage import Storage
-
-  return Storage.open(storage)
-
-
-def _shard_name(i: int) -> str:
-  return f"shard-{i:05d}.npz"
+def token_file_entry(path: str, data: bytes, rows: int, chunk_rows: int = CHUNK_ROWS) -> dict:
+  """The manifest entry of a token file: size, sha256, and its `RowFile` (row 0's offset, bytes
+  per row, a CRC32C per chunk of rows) for range reads."""
+  return {"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+          **RowFile.describe(path, data, rows, chunk_rows).to_json()}
 
 
-class _ShardWriter:
-  """Numbers blocks consecutively and writes a shard each time `shard_blocks` are buffered."""
+class ShardWriter:
+  """Numbers blocks consecutively and writes a shard (three files) each time `shard_blocks` are
+  buffered; `shards` holds their manifest entries."""
 
-  def __init__(self, storage, prefix: str, shard_blocks: int):
+  def __init__(self, storage, prefix: str, shard_blocks: int, block_len: int, tok: Tokenizer):
     self.storage, self.prefix, self.shard_blocks = storage, prefix, shard_blocks
+    self.block_len, self.tok, self.dtype = block_len, tok, token_dtype(tok.vocab_size)
     self.buffer: list[Block] = []
     self.shards: list[dict] = []
     self.next_id = 0
@@ -150,13 +153,34 @@ class _ShardWriter:
   def flush(self) -> None:
     if not self.buffer:
       return
-    data = encode_shard(self.buffer)
-    name = _shard_name(len(self.shards))
-    self.storage.write_bytes(f"{self.prefix}/{name}", data)
-    self.shards.append({"path": name, "first_block": self.buffer[0].block_id,
-                        "num_blocks": len(self.buffer), "size": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
+    files = encode_shard(self.buffer, self.block_len, self.tok, self.dtype)
+    names = file_names(len(self.shards))
+    entry = {"first_block": self.buffer[0].block_id, "num_blocks": len(self.buffer)}
+    for kind, data in files.items():
+      self.storage.write_bytes(f"{self.prefix}/{names[kind]}", data)
+      entry[kind] = (token_file_entry(names[kind], data, len(self.buffer)) if kind == "tokens" else
+                     {"path": names[kind], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    self.shards.append(entry)
     self.buffer = []
+
+  def written(self) -> list[str]:
+    """Paths (relative to the storage root) of every file written so far."""
+    return [f"{self.prefix}/{s[kind]['path']}" for s in self.shards for kind in ("tokens", "spans", "text")]
+
+  def manifest(self, tok_files: dict, tagger: str, stats: dict, inputs: list[str], **extra) -> dict:
+    return {"format": FORMAT, "version": VERSION, "num_blocks": self.next_id, "block_len": self.block_len,
+            "token_dtype": self.dtype.name, "tokenizer": {**self.tok.spec(), "files": tok_files},
+            "tagger": tagger, "shard_blocks": self.shard_blocks, "shards": self.shards, "stats": stats,
+            "inputs": inputs, **extra}
+
+
+def write_tokenizer(storage, prefix: str, tok: Tokenizer) -> dict:
+  """Writes the tokenizer's files next to the corpus; returns their manifest entries."""
+  files = {}
+  for name, data in sorted(tok.files().items()):
+    storage.write_bytes(f"{prefix}/tokenizer/{name}", data)
+    files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+  return files
 
 
 def _concat(parts: list[Encoding], starts: list[int]) -> Encoding:
@@ -197,7 +221,7 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
   are salient spans too (where the tagger found nothing overlapping them). `progress(blocks,
   documents)` is called after each document.
   """
-  storage = _open_storage(storage)
+  storage = open_storage(storage)
   tok = load_tokenizer(tokenizer)
   tag = get_tagger(tagger) if isinstance(tagger, str) else tagger
   if block_len < 4:
@@ -211,7 +235,7 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
       raise CorpusError(f"{storage.uri(manifest_path)} exists: a corpus is already built there "
                         "(pass --overwrite to replace it)")
     storage.delete(manifest_path)  # readers stop trusting the old shards before any is replaced.
-  writer = _ShardWriter(storage, prefix, shard_blocks)
+  writer = ShardWriter(storage, prefix, shard_blocks, block_len, tok)
   stats = {"documents": 0, "sentences": 0, "sentences_with_salient": 0, "salient_spans": 0,
            "body_tokens": 0, "split_sentences": 0}
   t0, c0 = time.perf_counter(), time.process_time()
@@ -246,138 +270,20 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
     if writer.next_id == 0:
       raise CorpusError(f"empty corpus: the documents of {', '.join(map(str, inputs))} hold no tokens")
   except BaseException:
-    for shard in writer.shards:  # leave nothing half-built behind.
-      storage.delete(f"{prefix}/{shard['path']}")
+    for path in writer.written():  # leave nothing half-built behind.
+      storage.delete(path)
     raise
   seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-  tok_files = {}
-  for name, data in sorted(tok.files().items()):
-    storage.write_bytes(f"{prefix}/tokenizer/{name}", data)
-    tok_files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+  tok_files = write_tokenizer(storage, prefix, tok)
   stats["seconds"] = round(seconds, 3)
   stats["cpu_seconds"] = round(cpu_seconds, 3)  # this process only (not --workers processes)
   stats["blocks_per_second"] = round(writer.next_id / max(seconds, 1e-9), 1)
-  manifest = {
-      "format": FORMAT, "version": VERSION, "num_blocks": writer.next_id, "block_len": block_len,
-      "tokenizer": {**tok.spec(), "files": tok_files}, "tagger": getattr(tag, "name", str(tagger)),
-      "title_spans": title_spans,
-      "shard_blocks": shard_blocks, "shards": writer.shards, "stats": stats,
-      "inputs": sorted({str(p) for p in inputs if not isinstance(p, Document)}),
-  }
+  manifest = writer.manifest(tok_files, getattr(tag, "name", str(tagger)), stats,
+                             sorted({str(p) for p in inputs if not isinstance(p, Document)}), title_spans=title_spans)
   storage.write_json(manifest_path, manifest)
-  keep = {s["path"] for s in writer.shards}
+  keep = {p.rsplit("/", 1)[-1] for p in writer.written()}
   for path in storage.list(prefix):
     name = path[len(prefix) + 1:]
-    if re.fullmatch(r"shard-\d+\.npz", name) and name not in keep:
+    if SHARD_FILE.fullmatch(name) and name not in keep:
       storage.delete(path)  # shards of an older, larger corpus that was overwritten.
   return manifest
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading.
-
-
-class CorpusReader:
-  """Reads a built corpus: manifest checked on open, each shard's size and sha256 on read."""
-
-  def __init__(self, storage, prefix: str = "corpus", cache_shards: int = 2):
-    self.storage = _open_storage(storage)
-    self.prefix = prefix.strip("/")
-    path = f"{self.prefix}/{MANIFEST}"
-    self._where = self.storage.uri(path)
-    if not self.storage.exists(path):
-      raise CorpusError(f"{self._where}: no corpus manifest (build one with `realm-jax corpus build`)")
-    self.manifest = self.storage.read_json(path)
-    self._check_manifest()
-    self._starts = np.asarray([s["first_block"] for s in self.shards], np.int64)
-    self._cache: dict[int, BlockShard] = {}
-    self._cache_size = cache_shards
-
-  def _check_manifest(self) -> None:
-    m = self.manifest
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-      raise CorpusError(f"{self._where}: not a realm-jax corpus manifest")
-    if m.get("version") != VERSION:
-      raise CorpusError(f"{self._where}: corpus format version {m.get('version')} (this code reads {VERSION})")
-    expected = 0
-    for i, shard in enumerate(m.get("shards", [])):
-      if shard.get("first_block") != expected or shard.get("num_blocks", 0) < 1:
-        raise CorpusError(f"{self._where}: shard {i} ({shard.get('path')}) starts at block "
-                          f"{shard.get('first_block')}, expected {expected}")
-      expected += shard["num_blocks"]
-    if expected != m.get("num_blocks"):
-      raise CorpusError(f"{self._where}: shards hold {expected} blocks, manifest says {m.get('num_blocks')}")
-
-  @property
-  def shards(self) -> list[dict]:
-    return self.manifest["shards"]
-
-  @property
-  def num_blocks(self) -> int:
-    return int(self.manifest["num_blocks"])
-
-  @property
-  def num_shards(self) -> int:
-    return len(self.shards)
-
-  @property
-  def block_len(self) -> int:
-    return int(self.manifest["block_len"])
-
-  def tokenizer(self) -> Tokenizer:
-    """The tokenizer the corpus was built with (from its own files, checksums verified)."""
-    files = {}
-    for name, info in self.manifest["tokenizer"]["files"].items():
-      data = self.storage.read_bytes(f"{self.prefix}/tokenizer/{name}")
-      if hashlib.sha256(data).hexdigest() != info["sha256"]:
-        raise CorpusError(f"{self.storage.uri(f'{self.prefix}/tokenizer/{name}')}: checksum mismatch")
-      files[name] = data
-    return tokenizer_from_files(files)
-
-  def read_shard(self, i: int) -> BlockShard:
-    """Shard `i` (0 <= i < num_shards), verified against the manifest."""
-    if not 0 <= i < self.num_shards:
-      raise CorpusError(f"{self._where}: no shard {i} (the corpus has {self.num_shards})")
-    if i in self._cache:
-      return self._cache[i]
-    info = self.shards[i]
-    path = f"{self.prefix}/{info['path']}"
-    where = self.storage.uri(path)
-    try:
-      data = self.storage.read_bytes(path)
-    except FileNotFoundError:
-      raise CorpusError(f"{where}: shard listed in the manifest is missing") from None
-    if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
-      raise CorpusError(f"{where}: size/sha256 differ from the manifest (corrupt or overwritten shard)")
-    shard = decode_shard(data, where)
-    first = info["first_block"]
-    if not np.array_equal(shard.block_ids, np.arange(first, first + info["num_blocks"])):
-      raise CorpusError(f"{where}: block ids differ from the manifest's range")
-    if len(self._cache) >= self._cache_size:
-      self._cache.pop(next(iter(self._cache)))
-    self._cache[i] = shard
-    return shard
-
-  def shard_of(self, block_id: int) -> int:
-    """Index of the shard holding `block_id`."""
-    if not 0 <= block_id < self.num_blocks:
-      raise CorpusError(f"{self._where}: block id {block_id} out of range [0, {self.num_blocks})")
-    return int(np.searchsorted(self._starts, block_id, side="right") - 1)
-
-  def get_blocks(self, ids: Iterable[int]) -> list[Block]:
-    """Blocks by id, in the order asked (random access, shard by shard)."""
-    ids = [int(i) for i in ids]
-    out: list[Block | None] = [None] * len(ids)
-    by_shard: dict[int, list[int]] = {}
-    for pos, block_id in enumerate(ids):
-      by_shard.setdefault(self.shard_of(block_id), []).append(pos)
-    for s, positions in sorted(by_shard.items()):
-      shard = self.read_shard(s)
-      for pos in positions:
-        out[pos] = shard[ids[pos] - self.shards[s]["first_block"]]
-    return out  # type: ignore[return-value]
-
-  def iter_blocks(self) -> Iterator[Block]:
-    """Every block in id order, one shard in memory at a time."""
-    for i in range(self.num_shards):
-      yield from self.read_shard(i)

@@ -40,30 +40,20 @@ IGNORE_LABEL = -100
 
 
 # ----------------------------------------------------------------------------------------------
-# Char spans -> token ranges.
-
-
-def token_range(block: Block, start: int, end: int) -> tuple[int, int]:
-  """Half-open range of body tokens overlapping the char span [start, end) (empty if none)."""
-  starts, ends = block.body_offsets[:, 0], block.body_offsets[:, 1]
-  first = int(np.searchsorted(ends, start, side="right"))
-  stop = int(np.searchsorted(starts, end, side="left"))
-  return first, max(first, stop)
+# Token ranges (the block carries them: `data/blocks.py` derives them from the char offsets).
 
 
 def sentence_ranges(block: Block) -> list[tuple[int, int]]:
   """Token range of each sentence: the tokens whose first char lies inside the sentence."""
-  starts = block.body_offsets[:, 0]
-  return [(int(np.searchsorted(starts, s, "left")), int(np.searchsorted(starts, e, "left")))
-          for s, e in block.sentences]
+  return [(int(a), int(b)) for a, b in block.sentence_tokens]
 
 
 def salient_candidates(block: Block, max_masks: int = 10) -> dict[int, list[tuple[int, int]]]:
   """Sentence index -> token ranges of the salient spans inside it with 1..max_masks tokens."""
   sentences = sentence_ranges(block)
   out: dict[int, list[tuple[int, int]]] = {}
-  for s, e in block.salient_spans:
-    a, b = token_range(block, int(s), int(e))
+  for a, b in block.salient_tokens:
+    a, b = int(a), int(b)
     if not 0 < b - a <= max_masks:
       continue
     for i, (sa, sb) in enumerate(sentences):

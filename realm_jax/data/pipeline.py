@@ -3,7 +3,8 @@
 `make_loader(source, transform, batch_size, seed)` turns any random-access source (`len` +
 `__getitem__`, e.g. the corpus' blocks) into batches of `transform(element, rng)` outputs:
 
-  source -> this process' shard (every `shard_count`-th element, equal sizes on all processes)
+  source -> this process' shard (a contiguous run of records, equal sizes on all processes, so a
+            process loads only the records of its own shards)
          -> global shuffle, reshuffled each epoch (grain index_shuffle; no buffer)
          -> transform with a per-element numpy Generator (seeded by seed, shard, epoch, index)
          -> drop None (examples the transform cannot make, e.g. a block without salient spans)
@@ -61,11 +62,12 @@ def process_shard() -> tuple[int, int]:
 
 
 def shard_indices(num_records: int, shard_index: int, shard_count: int) -> range:
-  """Record indices of one shard: every `shard_count`-th record, the same count on every shard."""
+  """Record indices of one shard: the `shard_index`-th of `shard_count` equal contiguous runs (the
+  last `num_records % shard_count` records belong to no shard)."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} must be in [0, {shard_count})")
   per_shard = num_records // shard_count
-  return range(shard_index, per_shard * shard_count, shard_count)
+  return range(shard_index * per_shard, (shard_index + 1) * per_shard)
 
 
 def _seeds(seed: int, shard_index: int) -> tuple[int, int]:

@@ -250,7 +250,7 @@ def embed_corpus(corpus, embed_fn: Callable[[Mapping[str, np.ndarray]], np.ndarr
   todo = [i for i in range(len(rows)) if i not in dims]
 
   def features(i: int) -> dict[str, np.ndarray]:
-    return blocks_doc_inputs(corpus.read_shard(i), block_len, specials)
+    return blocks_doc_inputs(corpus.read_shard(i, text=False), block_len, specials)  # tokens + spans only
 
   def write(i: int, emb: np.ndarray) -> None:
     try:

@@ -2,8 +2,11 @@
 
 The train step retrieves block ids on device, then needs those blocks' tokens to re-embed them
 (`[CLS] title [SEP] body [SEP]`) and to build the encoder input (`[CLS] query [SEP] body [SEP]`).
-Token tables are placed like the index (rows over all devices), and `gather_rows` fetches rows by
-global id inside `jax.jit` with one `psum`, so no host round trip sits inside the step.
+One table holds each block's document-tower row as stored in the corpus (uint16 for BERT's
+vocabulary), placed like the index (rows over all devices; each process reads only its devices'
+rows from storage); the encoder's `body [SEP]` row is a slice of it, cut on device
+(`body_from_doc`). `gather_rows` fetches rows by global id inside `jax.jit` with one `psum`, so
+no host round trip sits inside the step.
 """
 
 from __future__ import annotations
@@ -23,40 +26,66 @@ from realm_jax.retrieval.mips import RowShardedEmbeddings, _axes_size, _batch_ax
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DeviceCorpus:
-  """Doc-tower inputs and encoder bodies of every block, row-sharded on the mesh."""
+  """The document-tower token row of every block, row-sharded on the mesh."""
 
-  doc_tokens: RowShardedEmbeddings  # int32 [N, block_len]: [CLS] title [SEP] body [SEP] pad...
-  body_tokens: RowShardedEmbeddings  # int32 [N, block_len]: body [SEP] pad...
+  tokens: RowShardedEmbeddings  # uint16|int32 [N, block_len]: [CLS] title [SEP] body [SEP] pad...
   pad_id: int = dataclasses.field(metadata=dict(static=True))
   cls_id: int = dataclasses.field(metadata=dict(static=True))
   sep_id: int = dataclasses.field(metadata=dict(static=True))
 
   @property
   def num_blocks(self) -> int:
-    return self.doc_tokens.num_rows
+    return self.tokens.num_rows
+
+  @property
+  def block_len(self) -> int:
+    return self.tokens.embeddings.shape[1]
 
 
-def host_token_tables(blocks, block_len: int, specials) -> tuple[np.ndarray, np.ndarray]:
-  """`[n, block_len]` int32 doc-tower inputs and `body [SEP]` rows for a sequence of Blocks."""
-  doc = features.blocks_doc_inputs(blocks, block_len, specials)["input_ids"].astype(np.int32)
-  body = np.full((len(blocks), block_len), specials.pad_id, np.int32)
-  for i, b in enumerate(blocks):
-    ids = np.asarray(b.body_ids[:block_len - 1], np.int32)
-    body[i, :len(ids)] = ids
-    body[i, len(ids)] = specials.sep_id
-  return doc, body
+def host_token_rows(blocks, block_len: int, specials) -> np.ndarray:
+  """`[n, block_len]` int32 document-tower rows of Blocks held in memory (tests, tools)."""
+  return features.blocks_doc_inputs(blocks, block_len, specials)["input_ids"].astype(np.int32)
 
 
-def place_corpus(doc: np.ndarray, body: np.ndarray, mesh: Mesh, specials) -> DeviceCorpus:
-  """Places host token tables on the mesh, rows over every axis (as the index embeddings)."""
-  n, length = doc.shape
-  def put(table):
-    return place_rows(n, length, lambda a, b: table[a:b], mesh, dtype=np.int32)
-  return DeviceCorpus(put(doc), put(body), int(specials.pad_id), int(specials.cls_id), int(specials.sep_id))
+def place_token_rows(num_rows: int, load_rows, mesh: Mesh, specials, block_len: int,
+                     dtype=np.uint16) -> DeviceCorpus:
+  """Places token rows on the mesh, rows over every axis (as the index embeddings): each process
+  calls `load_rows(lo, hi)` for its own devices' rows only; rows shorter than `block_len` are padded."""
+  pad = int(specials.pad_id)
+
+  def rows(a: int, b: int) -> np.ndarray:
+    r = np.asarray(load_rows(a, b))
+    if r.shape[1] < block_len:
+      r = np.pad(r, ((0, 0), (0, block_len - r.shape[1])), constant_values=pad)
+    return r
+
+  table = place_rows(num_rows, block_len, rows, mesh, dtype=dtype)
+  return DeviceCorpus(table, pad, int(specials.cls_id), int(specials.sep_id))
+
+
+def place_corpus(corpus, mesh: Mesh, specials, block_len: int) -> DeviceCorpus:
+  """A `CorpusReader`'s token rows on the mesh, each process reading only its devices' rows."""
+  return place_token_rows(corpus.num_blocks, corpus.token_rows, mesh, specials, block_len, corpus.token_dtype)
+
+
+def place_host_rows(rows: np.ndarray, mesh: Mesh, specials) -> DeviceCorpus:
+  """Token rows held in host memory (tests, benchmarks) on the mesh."""
+  return place_token_rows(rows.shape[0], lambda a, b: rows[a:b], mesh, specials, rows.shape[1], rows.dtype)
+
+
+def body_from_doc(doc: jax.Array, sep_id: int, pad_id: int) -> jax.Array:
+  """`body [SEP] pad...` from `[CLS] title [SEP] body [SEP] pad...` rows: everything after the
+  first [SEP], shifted to position 0 (the encoder's view of a block)."""
+  length = doc.shape[-1]
+  first_sep = jnp.argmax(doc == sep_id, axis=-1)[..., None]  # [..., 1]
+  src = jnp.arange(length) + first_sep + 1
+  body = jnp.take_along_axis(doc, jnp.clip(src, 0, length - 1), axis=-1)
+  return jnp.where(src < length, body, jnp.asarray(pad_id, doc.dtype))
 
 
 def gather_rows(table: RowShardedEmbeddings, ids: jax.Array) -> jax.Array:
-  """Rows of a row-sharded table at global `ids` `[B, K]` (any id < 0 gives a row of zeros).
+  """Rows of a row-sharded table at global `ids` `[B, K]` (any id < 0 gives a row of zeros);
+  integer tables come back as int32.
 
   Each device looks up the ids that fall in its own rows, the others contribute zeros, and a psum
   over the row axes assembles the result; the output is sharded like `ids` on the batch dim.
@@ -72,6 +101,8 @@ def gather_rows(table: RowShardedEmbeddings, ids: jax.Array) -> jax.Array:
     local = i - lax.axis_index(row_axes).astype(i.dtype) * rows_per_shard
     mine = (local >= 0) & (local < rows_per_shard) & (i >= 0)
     vals = jnp.take(t, jnp.clip(local, 0, rows_per_shard - 1), axis=0)
+    if jnp.issubdtype(vals.dtype, jnp.integer):
+      vals = vals.astype(jnp.int32)  # uint16 token rows: psum in int32 (every backend reduces it)
     vals = lax.psum(jnp.where(mine[..., None], vals, 0), row_axes)
     if gather_axes:
       own = vals.shape[0] // _axes_size(mesh, gather_axes)

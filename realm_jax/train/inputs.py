@@ -1,6 +1,7 @@
 """The trainer's input: corpus blocks -> masked queries (or ICT pairs) -> the global batch.
 
-`BlockSource` holds the blocks, `example_transform` turns one block into one example
+`CorpusRecords` holds the blocks this process's input shards read (token rows and spans, no text;
+`process_record_range` says which), `example_transform` turns one block into one example
 (`data/masking.py`), `ShardedLoader` splits the global batch into `data_shards` grain loaders and
 reads this process's share, and `global_batch` puts the local rows onto the mesh.
 """
@@ -24,17 +25,37 @@ from realm_jax.train.config import TrainConfig
 _HOST_ONLY = ("mlm_labels", "sentence_removed")
 
 
-class BlockSource:
-  """Random access to the corpus' blocks for the input pipeline (all blocks held in memory)."""
+def check_data_shards(data_shards: int, global_batch: int) -> None:
+  """`data_shards` must split over the processes and divide the (micro-)batch."""
+  procs = jax.process_count()
+  if data_shards % procs or global_batch % data_shards:
+    raise ConfigError(f"data_shards ({data_shards}) must be a multiple of the process count ({procs}) "
+                      f"and divide the micro-batch ({global_batch})")
 
-  def __init__(self, corpus: CorpusReader):
-    self.blocks = list(corpus.iter_blocks())
+
+def process_record_range(num_records: int, data_shards: int) -> tuple[int, int]:
+  """[lo, hi): the records this process's input shards cover (`pipeline.shard_indices` runs of
+  the shards `ShardedLoader` gives it: contiguous, so together one contiguous run)."""
+  per, per_shard = data_shards // jax.process_count(), num_records // data_shards
+  pid = jax.process_index()
+  return pid * per * per_shard, (pid + 1) * per * per_shard
+
+
+class CorpusRecords:
+  """Random access, by global block id, to the blocks this process's input shards read: their
+  token rows and spans, loaded once (no text, nothing of the other processes' blocks)."""
+
+  def __init__(self, corpus: CorpusReader, lo: int, hi: int):
+    self.num_records, self.lo, self.hi = corpus.num_blocks, lo, hi
+    self.view = corpus.training_view(lo, hi)
 
   def __len__(self) -> int:
-    return len(self.blocks)
+    return self.num_records
 
   def __getitem__(self, i: int) -> Block:
-    return self.blocks[i]
+    if not self.lo <= i < self.hi:
+      raise IndexError(f"block {i} is not among this process's input blocks [{self.lo}, {self.hi})")
+    return self.view[i - self.lo]
 
 
 def example_transform(cfg: TrainConfig, specials: masking.SpecialIds) -> Callable:
@@ -51,11 +72,8 @@ class ShardedLoader:
   depends on `data_shards` only, so 1 process and N processes see exactly the same examples."""
 
   def __init__(self, source, transform: Callable, global_batch: int, seed: int, data_shards: int):
-    procs, pid = jax.process_count(), jax.process_index()
-    if data_shards % procs or global_batch % data_shards:
-      raise ConfigError(f"data_shards ({data_shards}) must be a multiple of the process count ({procs}) "
-                        f"and divide the micro-batch ({global_batch})")
-    per = data_shards // procs
+    check_data_shards(data_shards, global_batch)
+    per, pid = data_shards // jax.process_count(), jax.process_index()
     self.loaders = [make_loader(source, transform, global_batch // data_shards, seed,
                                 shard_index=s, shard_count=data_shards)
                     for s in range(pid * per, (pid + 1) * per)]

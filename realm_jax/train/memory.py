@@ -7,8 +7,9 @@ What one device holds during a REALM / ICT train step (`realm_step.train_step`):
   gradients (1x params); replicated by default, divided over a mesh axis under `fsdp` rules;
 * gradients (float32, 1x params), alive in the step's temporaries;
 * the index embeddings `[num_blocks, retriever_dim]`, row-sharded over every device
-  (`retrieval/mips.py`), and the two int32 block-token tables `[num_blocks, block_len]`
-  (`train/device_corpus.py`) that candidates are gathered from;
+  (`retrieval/mips.py`), and the block-token table `[num_blocks, block_len]` (uint16 for
+  vocabularies up to 65,536 ids, else int32; `train/device_corpus.py`) that candidates are
+  gathered from;
 * activations kept for the backward pass, per example of the per-device micro-batch:
   the query tower over `query_len`, the document tower over `num_candidates x block_len`, the
   knowledge-augmented encoder over `num_candidates x (query_len + block_len)`, and the MLM logits
@@ -35,6 +36,11 @@ from realm_jax.errors import ConfigError
 
 GIB = 1024 ** 3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def token_bytes(cfg: RealmConfig) -> int:
+  """Bytes per stored token id: uint16 when the vocabulary fits (BERT's does), else int32."""
+  return 2 if cfg.bert.vocab_size <= 1 << 16 else 4
 
 
 def bert_params(b: BertConfig, pooler: bool) -> int:
@@ -173,7 +179,7 @@ def estimate(cfg, num_devices: int, num_blocks: int, *, index_dtype: str = "floa
   rows = -(-num_blocks // num_devices)  # rows per device, padded to a multiple of the shard count
   realm = cfg.task == "realm"
   index = rows * m.retriever_dim * _DTYPE_BYTES[index_dtype] if realm else 0
-  tokens = 2 * rows * m.block_len * 4 if realm else 0
+  tokens = rows * m.block_len * token_bytes(m) if realm else 0
 
   c = m.num_candidates
   if realm:

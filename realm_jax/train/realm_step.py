@@ -20,7 +20,13 @@ from flax import nnx
 
 from realm_jax.models import marginal_log_likelihood, relevance_scores
 from realm_jax.retrieval import mips
-from realm_jax.train.device_corpus import DeviceCorpus, doc_inputs_from_tokens, gather_rows, joint_inputs
+from realm_jax.train.device_corpus import (
+  DeviceCorpus,
+  body_from_doc,
+  doc_inputs_from_tokens,
+  gather_rows,
+  joint_inputs,
+)
 
 if TYPE_CHECKING:
   from realm_jax.train.config import TrainConfig
@@ -34,12 +40,10 @@ def retrieve_candidates(query_emb: jax.Array, index: mips.RowShardedEmbeddings, 
   return found.ids
 
 
-def null_document(corpus: DeviceCorpus, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
-  """Token rows of the null document for the doc tower (`[CLS] [SEP] [SEP]`) and the encoder (`[SEP]`)."""
-  doc = jnp.full((batch, 1, length), corpus.pad_id, jnp.int32)
-  doc = doc.at[:, :, 0].set(corpus.cls_id).at[:, :, 1].set(corpus.sep_id).at[:, :, 2].set(corpus.sep_id)
-  body = jnp.full((batch, 1, length), corpus.pad_id, jnp.int32).at[:, :, 0].set(corpus.sep_id)
-  return doc, body
+def null_document(corpus: DeviceCorpus, batch: int) -> jax.Array:
+  """The null document's token row `[CLS] [SEP] [SEP]` ([B, 1, block_len]; its body is `[SEP]`)."""
+  doc = jnp.full((batch, 1, corpus.block_len), corpus.pad_id, jnp.int32)
+  return doc.at[:, :, 0].set(corpus.cls_id).at[:, :, 1].set(corpus.sep_id).at[:, :, 2].set(corpus.sep_id)
 
 
 def realm_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: DeviceCorpus,
@@ -55,9 +59,8 @@ def realm_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: DeviceCor
     ids = batch["candidate_ids"]
   else:
     ids = retrieve_candidates(q_emb, index, batch["block_id"], c, approx)  # [B, C-1]
-  null_doc, null_body = null_document(corpus, b, corpus.doc_tokens.embeddings.shape[1])
-  doc_tokens = jnp.concatenate([null_doc, gather_rows(corpus.doc_tokens, ids)], axis=1)  # [B, C, Lb]
-  body_tokens = jnp.concatenate([null_body, gather_rows(corpus.body_tokens, ids)], axis=1)
+  doc_tokens = jnp.concatenate([null_document(corpus, b), gather_rows(corpus.tokens, ids)], axis=1)  # [B, C, Lb]
+  body_tokens = body_from_doc(doc_tokens, corpus.sep_id, corpus.pad_id)  # body [SEP] pad...
   valid = jnp.concatenate([jnp.ones((b, 1), bool), ids >= 0], axis=1)  # [B, C]
 
   d_emb = model.retriever.embed_docs(*doc_inputs_from_tokens(doc_tokens, corpus.pad_id, corpus.sep_id))

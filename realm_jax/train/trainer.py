@@ -70,16 +70,17 @@ class Trainer(TrainLoop):
     if self.corpus.block_len > cfg.model.block_len:
       raise ConfigError(f"corpus blocks are up to {self.corpus.block_len} tokens, "
                         f"model.block_len is {cfg.model.block_len}")
-    self.blocks = inputs.BlockSource(self.corpus)
     self.same_corpus = cfg.query_corpus_prefix in (None, cfg.corpus_prefix)
-    queries = (self.blocks if self.same_corpus
-               else inputs.BlockSource(CorpusReader(self.storage, cfg.query_corpus_prefix)))
+    query_corpus = self.corpus if self.same_corpus else CorpusReader(self.storage, cfg.query_corpus_prefix)
     self.micro_batch = cfg.batch_size // cfg.grad_accum_steps
     if self.micro_batch % self.mesh.shape["data"]:
       raise ConfigError(f"the micro-batch ({self.micro_batch} = batch_size / grad_accum_steps) must be divisible "
                         f"by the data-parallel size {self.mesh.shape['data']}")
+    data_shards = cfg.data_shards or jax.process_count()
+    inputs.check_data_shards(data_shards, self.micro_batch)
+    queries = inputs.CorpusRecords(query_corpus, *inputs.process_record_range(query_corpus.num_blocks, data_shards))
     self.loader = inputs.ShardedLoader(queries, inputs.example_transform(cfg, self.tok), self.micro_batch, cfg.seed,
-                                       cfg.data_shards or jax.process_count())
+                                       data_shards)
 
     # -- model and optimizer, placed by the sharding rules -----------------------------------------
     model = init_model(cfg, self.log)
@@ -104,8 +105,7 @@ class Trainer(TrainLoop):
     # -- corpus tokens on the mesh, for re-embedding candidates ----------------------------------
     self.dev_corpus = None
     if cfg.task == "realm":
-      doc, body = device_corpus.host_token_tables(self.blocks.blocks, cfg.model.block_len, self.tok)
-      self.dev_corpus = device_corpus.place_corpus(doc, body, self.mesh, self.tok)
+      self.dev_corpus = device_corpus.place_corpus(self.corpus, self.mesh, self.tok, cfg.model.block_len)
     self.active: ActiveIndex | None = None
     self.watcher: IndexWatcher | None = None
     self.index_versions: list[str] = []

@@ -81,7 +81,7 @@ def recall_at(model, storage, people, k: int = 8) -> np.ndarray:
   """Per query of the query corpus: is its person's fact block among the top k by brute force?"""
   corpus = CorpusReader(storage, "corpus")
   tok = corpus.tokenizer()
-  doc, _ = device_corpus.host_token_tables(list(corpus.iter_blocks()), BLOCK_LEN, tok)
+  doc = device_corpus.host_token_rows(list(corpus.iter_blocks()), BLOCK_LEN, tok)
   queries = fact_queries(storage, QUERY_LEN)
   d = np.asarray(model.retriever.embed_docs(*device_corpus.doc_inputs_from_tokens(jnp.asarray(doc), tok.pad_id,
                                                                                   tok.sep_id)))

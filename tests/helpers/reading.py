@@ -23,6 +23,12 @@ from realm_jax.train import device_corpus
 _QUERY_KEYS = ("input_ids", "attention_mask", "mlm_positions", "mlm_targets", "mlm_weights")
 
 
+def body_rows(blocks, block_len: int, tok) -> np.ndarray:
+  """`[n, block_len]` int32 `body [SEP] pad...` rows: what the encoder reads of each block."""
+  doc = device_corpus.host_token_rows(blocks, block_len, tok)
+  return np.asarray(device_corpus.body_from_doc(jnp.asarray(doc), tok.sep_id, tok.pad_id))
+
+
 def fact_queries(storage, query_len: int, prefix: str = "queries", seed: int = 0) -> dict[str, np.ndarray]:
   """The salient-span query (the city masked) of every block of a fact-query corpus, stacked."""
   reader = CorpusReader(storage, prefix)
@@ -53,7 +59,7 @@ def teach_reading(encoder, storage, *, query_len: int, block_len: int, steps: in
   tok = knowledge.tokenizer()
   queries = fact_queries(storage, query_len)
   blocks = list(knowledge.iter_blocks())
-  _, bodies = device_corpus.host_token_tables(blocks, block_len, tok)
+  bodies = body_rows(blocks, block_len, tok)
   null = np.full_like(bodies[0], tok.pad_id)
   null[0] = tok.sep_id
   people = len(blocks)
@@ -88,7 +94,7 @@ def reading_accuracy(encoder, storage, *, query_len: int, block_len: int) -> dic
   knowledge = CorpusReader(storage, "corpus")
   tok = knowledge.tokenizer()
   queries = fact_queries(storage, query_len)
-  _, bodies = device_corpus.host_token_tables(list(knowledge.iter_blocks()), block_len, tok)
+  bodies = body_rows(list(knowledge.iter_blocks()), block_len, tok)
   null = np.full_like(bodies[0], tok.pad_id)
   null[0] = tok.sep_id
   n, nq = len(bodies), len(queries["input_ids"])
