@@ -116,6 +116,17 @@ def place_state(state: Any, shardings: Any) -> Any:
   return jax.tree.map(put, state, shardings)
 
 
+def process_local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global order (replicas counted once):
+  the inverse of `jax.make_array_from_process_local_data` for host-side work on the local batch."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  rows: dict[int, np.ndarray] = {}
+  for shard in x.addressable_shards:
+    rows.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+  return np.concatenate([rows[k] for k in sorted(rows)])
+
+
 def local_copy(module: nnx.Module) -> nnx.Module:
   """A copy of `module` whose arrays live on this process only (replicated arrays: the local
   replica; sharded ones: all-gathered, which every process must call together)."""

@@ -195,11 +195,19 @@ def publish(storage: Storage, prefix: str, version: str, files: Mapping[str, Fil
   generation read at the start. `progress(step)` is called after each write ("file:<name>",
   "manifest", "latest"). Raises PublishConflict if LATEST moved meanwhile, the version exists, or
   (unless `allow_older`) the version does not sort after the one LATEST names.
+  Several processes publish one version by splitting it: `begin` (one process), `upload` (each its
+  own files), `commit` (one process, with everyone's entries).
   """
+  expected = begin(storage, prefix, version, metadata, allow_older=allow_older)
+  entries = upload(storage, prefix, version, files, progress=progress)
+  return commit(storage, prefix, version, entries, metadata, expected=expected, progress=progress)
+
+
+def begin(storage: Storage, prefix: str, version: str, metadata: Mapping[str, Any] | None = None, *,
+          allow_older: bool = False) -> int:
+  """Checks that `version` may be published (PublishConflict otherwise); returns the generation of
+  LATEST that `commit` will compare-and-swap against."""
   key = version_key(version)
-  names = sorted(files)
-  for name in names:
-    _check_name(name)
   try:
     json.dumps(dict(metadata or {}), allow_nan=False)
   except (TypeError, ValueError) as e:
@@ -211,14 +219,33 @@ def publish(storage: Storage, prefix: str, version: str, files: Mapping[str, Fil
   vdir = _join(prefix, version)
   if storage.stat(_join(vdir, MANIFEST)) is not None:
     raise PublishConflict(f"{storage.uri(vdir)}: version already published")
+  return expected
 
+
+def upload(storage: Storage, prefix: str, version: str, files: Mapping[str, FileSource], *,
+           progress: Callable[[str], None] | None = None) -> dict[str, FileEntry]:
+  """Writes `files` into `<prefix>/<version>/`, create-only; returns their manifest entries."""
+  version_key(version)
+  names = sorted(files)
+  for name in names:
+    _check_name(name)
+  vdir = _join(prefix, version)
   entries = {}
   for name in names:
     info = _write_file(storage, _join(vdir, name), files[name])
     entries[name] = FileEntry(info.size, info.crc32c, info.generation)
     if progress:
       progress(f"file:{name}")
+  return entries
 
+
+def commit(storage: Storage, prefix: str, version: str, entries: Mapping[str, FileEntry],
+           metadata: Mapping[str, Any] | None = None, *, expected: int,
+           progress: Callable[[str], None] | None = None) -> Manifest:
+  """Writes the version's manifest (create-only) listing `entries`, then swaps LATEST to it if
+  LATEST is still at generation `expected` (from `begin`); PublishConflict otherwise."""
+  vdir = _join(prefix, version)
+  entries = dict(entries)
   created = datetime.datetime.now(datetime.timezone.utc).isoformat()
   manifest = Manifest(version, created, dict(metadata or {}), entries)
   try:

@@ -1,6 +1,8 @@
 """Index versions: build + publish + load round trips on every backend, resume at the same step,
 retention, and refusal of corrupted, missing or mismatched indices."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -63,7 +65,14 @@ def test_round_trip(storage_root, tmp_path, embedder):
   # terms is off by up to 128 * 2^-24 * 128 ~ 1e-3 depending on the kernel's summation order.
   assert_top_k(result.ids, queries, want, 5, atol=1e-3, scores=result.scores)
   staged = loaded.stage_searcher(tmp_path / "stage")
-  assert (staged / "realm_searcher.json").is_file()
+  assert (staged / "scann" / "part-00000" / "realm_searcher.json").is_file()  # one partition per process
+  assert info.scann_parts == ({"dir": "scann/part-00000", "first_row": 0, "rows": corpus.num_blocks},)
+  # Any row ranges, read by byte range and checked chunk by chunk, equal the whole version's rows.
+  n = corpus.num_blocks
+  rows = index_lib.load_index_rows(storage, [(0, n), (1, 4), (n - 2, n)], corpus=corpus, config=CFG)
+  for lo, hi in [(0, n), (1, 4), (n - 2, n), (2, 3)]:
+    np.testing.assert_array_equal(rows.rows(lo, hi), loaded.embeddings[lo:hi])
+  assert rows.version == loaded.version and rows.bytes_read >= n * 128 * 4
 
 
 def test_versions_retention_and_conflict(tmp_path, embedder, embed_fn):
@@ -115,17 +124,42 @@ def test_corrupt_or_missing_files_refused(shared_storage_root, tmp_path, embedde
   assert index_lib.latest_index_info(storage).version == info.version  # cheap: no data read
   with pytest.raises(RealmError, match=r"emb-00001\.npy"):
     index_lib.load_index(storage)
+  n = corpus.num_blocks
+  with pytest.raises(RealmError, match=r"emb-00001\.npy: (rows .* fail their checksum|generation .* replaced)"):
+    index_lib.load_index_rows(storage, [(0, n)])
 
   info, vdir = _published(storage, embedder, embed_fn, corpus, 2)
   storage.delete(f"{vdir}/embeddings/emb-00000.npy")
   with pytest.raises(RealmError, match=r"emb-00000\.npy"):
     index_lib.load_index(storage)
+  # A process whose rows are all in another file still sees the missing one (a stat, no read).
+  with pytest.raises(RealmError, match=r"emb-00000\.npy: missing"):
+    index_lib.load_index_rows(storage, [(n - 1, n)])
 
   info, vdir = _published(storage, embedder, embed_fn, corpus, 3)
   storage.write_bytes(f"{vdir}/manifest.json", b'{"format": 1, "files": ')
   with pytest.raises(RealmError, match=r"manifest\.json"):
     index_lib.latest_index_info(storage)
   with pytest.raises(RealmError, match=r"manifest\.json"):
+    index_lib.load_index(storage)
+
+  # A manifest whose checksum does not describe the (intact) bytes: the row checksums combined
+  # with the header do not give it, so a range reader refuses the file too.
+  info, vdir = _published(storage, embedder, embed_fn, corpus, 4)
+  index_lib.load_index_rows(storage, [(0, n)])
+  bad = f"{info.version[:12]}-bad"
+  manifest = storage.read_json(f"{vdir}/manifest.json")
+  for f, entry in manifest["files"].items():  # a copy: the same bytes, new objects
+    entry["generation"] = storage.write_bytes(f"index/{bad}/{f}", storage.read_bytes(f"{vdir}/{f}")).generation
+  manifest["version"], manifest["files"][name]["crc32c"] = bad, "0badc0de"
+  written = storage.write_bytes(f"index/{bad}/manifest.json", json.dumps(manifest).encode())
+  storage.write_json("index/LATEST", {"format": publish.FORMAT, "version": bad,
+                                      "manifest_generation": written.generation,
+                                      "published": "2026-01-01T00:00:00+00:00"})
+  first = info.first_rows[1]  # a row of emb-00001
+  with pytest.raises(RealmError, match=rf"index/{bad}/embeddings/emb-00001\.npy: .*manifest says .*0badc0de"):
+    index_lib.load_index_rows(storage, [(first, first + 1)])
+  with pytest.raises(RealmError, match=rf"index/{bad}/embeddings/emb-00001\.npy"):
     index_lib.load_index(storage)
 
 

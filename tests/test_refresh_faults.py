@@ -70,7 +70,7 @@ def _put_bad_version(storage: Storage, good: str, name: str, damage: str) -> str
   """Copies version `good` to `name` with one kind of damage, then points LATEST at it by hand."""
   manifest = json.loads(storage.read_bytes(f"index/{good}/{publish.MANIFEST}"))
   manifest["version"] = name
-  shards = sorted(f for f in manifest["files"] if f.endswith(".npy"))
+  shards = sorted(f for f in manifest["files"] if f.startswith("embeddings/"))  # not the ScaNN files
   for f in manifest["files"]:
     if not (damage == "missing_shard" and f == shards[-1]):
       storage.write_bytes(f"index/{name}/{f}", storage.read_bytes(f"index/{good}/{f}"))

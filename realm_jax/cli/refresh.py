@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                  help="exit after publishing this many index versions")
   p.add_argument("--poll-seconds", type=float, default=5.0,
                  help="seconds between looks for a new checkpoint (default 5)")
-  p.add_argument("--with-scann", action="store_true", help="also build and publish a ScaNN searcher")
+  p.add_argument("--no-scann", action="store_true",
+                 help="publish embeddings only (by default every version carries a ScaNN searcher)")
   p.add_argument("--keep", type=int, default=None,
                  help="index versions to retain (default: the trainer's keep_index_versions)")
   p.add_argument("--embed-batch-size", type=int, default=256, help="blocks per embedding call (default 256)")
@@ -49,7 +50,7 @@ def refresher(args: argparse.Namespace, storage=None):
     raise ConfigError(f"--poll-seconds must be > 0, got {args.poll_seconds}")
   claimed = load_config(args.config, list(args.set)) if args.config else None
   options = RefreshOptions(max_versions=args.max_versions, poll_seconds=args.poll_seconds,
-                           with_scann=args.with_scann, keep=args.keep,
+                           with_scann=not args.no_scann, keep=args.keep,
                            embed_batch_size=args.embed_batch_size, dtype=args.dtype)
   return Refresher(storage or args.storage, options, config=claimed, overrides=[] if claimed else list(args.set))
 

@@ -11,6 +11,10 @@ embed every block and publish `index/<version>/` with `retrieval.index.build_and
 It stops once `TRAINING_DONE` exists or after `max_versions` publishes. A crash at any moment
 leaves LATEST on a complete version; a restart resumes the staged embeddings of the checkpoint it
 was working on.
+
+Multi-host: run it as a multi-process JAX job (the trainer's `jax.distributed` launch). Process 0
+decides what to do next; every process restores the retriever, embeds its own run of corpus
+shards on its own devices, uploads them and a ScaNN partition, and process 0 publishes.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from realm_jax import layout, publish
+from realm_jax import layout, parallel, publish
 from realm_jax.config import RealmConfig
 from realm_jax.data.corpus import CorpusReader
 from realm_jax.errors import RealmError
@@ -46,7 +50,7 @@ class RefreshOptions:
 
   max_versions: int | None = None  # exit after publishing this many versions
   poll_seconds: float = 5.0  # wait between looks at the checkpoints when there is nothing new
-  with_scann: bool = False  # also build and publish a ScaNN searcher
+  with_scann: bool = True  # also build and publish a ScaNN searcher (a partition per process)
   keep: int | None = None  # index versions to retain (default: cfg.keep_index_versions)
   embed_batch_size: int = 256  # rows per jit call (rounded up to a multiple of the devices)
   dtype: str = "float32"  # embeddings as stored: float32 | bfloat16
@@ -88,14 +92,17 @@ class Refresher:
   def __init__(self, storage: Storage | str, options: RefreshOptions = RefreshOptions(), *,
                config: TrainConfig | None = None, overrides: Sequence[str] = (),
                log_fn: Callable[[str], None] | None = None):
+    parallel.initialize_distributed()  # a multi-process refresher joins its job
     self.storage = storage if isinstance(storage, Storage) else Storage.open(storage)
     self.options = options
     self.log = RunLog("realm_jax.refresh", log_fn)
     self.claimed, self.overrides = config, list(overrides)
     self.cfg: TrainConfig | None = None  # the trainer's, read from its first checkpoint we look at
     self._last_warning = ""
-    self.mesh = embed_lib.default_mesh()
-    self.sharding = NamedSharding(self.mesh, P())
+    # Checkpoints restore replicated over every process's devices; each process embeds its share on
+    # its own devices (`local`: a copy of the retriever there, updated after each restore).
+    self.sharding = NamedSharding(embed_lib.default_mesh(), P())
+    self.mesh = parallel.local_mesh()
     self.ckpt = Checkpoints(self.storage.uri(layout.CHECKPOINTS), read_only=True)
     self.log(f"watching {self.storage.uri(layout.CHECKPOINTS)} on {jax.device_count()} "
              f"{jax.devices()[0].platform} device(s)")
@@ -129,9 +136,10 @@ class Refresher:
     self.keep = self.options.keep or cfg.keep_index_versions
     self.model = _RetrieverOnly(cfg.model, rngs=nnx.Rngs(0))
     nnx.update(self.model, jax.device_put(nnx.state(self.model), self.sharding))
+    self.local = parallel.local_copy(self.model)
     # One embed fn for the whole run: it reads the (restored in place) weights at each call, so
     # the jit compilation is paid once, not once per version.
-    self.embed_fn = embed_lib.make_embed_fn(self.model.retriever.doc_embedder, self.mesh,
+    self.embed_fn = embed_lib.make_embed_fn(self.local.retriever.doc_embedder, self.mesh,
                                             self.options.embed_batch_size)
     self.log(f"the trainer's config (from checkpoint step {step}): model {cfg.model.fingerprint()}, corpus "
              f"{self.corpus.num_blocks} blocks in {self.corpus.num_shards} shards; keeping {self.keep} index versions")
@@ -183,6 +191,7 @@ class Refresher:
     t0 = time.perf_counter()
     self.log(f"checkpoint step {step}: restoring the retriever (index LATEST is at step "
              f"{self.index_step()})")
+    problem = None
     try:
       if self.cfg is None:
         self._configure(step)
@@ -190,11 +199,14 @@ class Refresher:
         raise RefreshError(f"{self.ckpt.directory}/{step}: the trainer's model config changed since the "
                            "checkpoint this refresher started from; restart the refresher")
       self.ckpt.restore_part(step, self.model, "retriever", self.sharding)
+      nnx.update(self.local, nnx.state(parallel.local_copy(self.model)))
     except RefreshError:
       raise
     except Exception as e:  # pruned by the trainer's retention meanwhile, or half-deleted
-      self.log.warning(f"checkpoint step {step}: cannot restore it ({type(e).__name__}: {e}); "
-                       "looking again at the next poll")
+      problem = f"{type(e).__name__}: {e}"
+    problems = [p for p in parallel.gather_json(problem) if p]
+    if problems:  # every process gives up on this step together
+      self.log.warning(f"checkpoint step {step}: cannot restore it ({problems[0]}); looking again at the next poll")
       return None
     restore_s = time.perf_counter() - t0
     self.log(f"checkpoint step {step}: restored in {restore_s:.1f}s; embedding "
@@ -202,7 +214,7 @@ class Refresher:
              f"{self.mesh.size} device(s)")
     try:
       info = index_lib.build_and_publish_index(
-          self.storage, self.model.retriever.doc_embedder, self.corpus, self.cfg.model, step=step,
+          self.storage, self.local.retriever.doc_embedder, self.corpus, self.cfg.model, step=step,
           mesh=self.mesh, with_scann=self.options.with_scann, keep=self.keep,
           dtype=self.options.dtype, embed_fn=self.embed_fn)
     except publish.PublishConflict as e:
@@ -222,14 +234,24 @@ class Refresher:
     conflicts: list[int] = []
     waiting_since = None
     while True:
-      if self.done():
+      decision = None  # process 0 decides for everyone: "done", "max", "wait" or a step
+      if jax.process_index() == 0:
+        if self.done():
+          decision = "done"
+        elif self.options.max_versions is not None and len(published) >= self.options.max_versions:
+          decision = "max"
+        else:
+          step = self.next_step()
+          decision = "wait" if step is None else str(step)
+      decision = parallel.agree(decision)
+      if decision == "done":
         self.log(f"{layout.TRAINING_DONE} found: the trainer finished; exiting after {len(published)} "
                  "published version(s)")
         return RefreshResult(published, conflicts, "training done")
-      if self.options.max_versions is not None and len(published) >= self.options.max_versions:
+      if decision == "max":
         self.log(f"published {len(published)} version(s) (--max-versions): exiting")
         return RefreshResult(published, conflicts, "max versions")
-      step = self.next_step()
+      step = None if decision == "wait" else int(decision)
       if step is None:
         if waiting_since is None:
           waiting_since = time.perf_counter()

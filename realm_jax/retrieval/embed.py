@@ -19,7 +19,7 @@ import dataclasses
 import io
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -221,8 +221,10 @@ def embed_corpus(corpus, embed_fn: Callable[[Mapping[str, np.ndarray]], np.ndarr
                  prefix: str, *, block_len: int | None = None,
                  tokenizer_specials: SpecialIds | None = None, dtype: str = "float32",
                  identity: Mapping[str, Any] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> EmbeddingSet:
-  """Embeds every block of `corpus` (a CorpusReader) into `<prefix>/emb-NNNNN.npy`, resumably.
+                 progress: Callable[[int, int], None] | None = None,
+                 shards: Sequence[int] | None = None) -> EmbeddingSet:
+  """Embeds every block of `corpus` (a CorpusReader), or of its `shards` only (one process's share
+  in a multi-process refresh), into `<prefix>/emb-NNNNN.npy`, resumably.
 
   One corpus shard is in memory at a time (the next one is read and featurised in a background
   thread while the current one is embedded, the previous one written). Shards already complete
@@ -242,12 +244,12 @@ def embed_corpus(corpus, embed_fn: Callable[[Mapping[str, np.ndarray]], np.ndarr
   _check_info(storage, prefix, {"format": "realm-jax-embeddings", "num_blocks": corpus.num_blocks,
                                 "shards": rows, "block_len": block_len, "dtype": dtype,
                                 "identity": dict(identity or {})})
-  dims = {i: d for i in range(len(rows))
-          if (d := _finished_shard_dim(storage, paths[i], rows[i], dtype)) is not None}
+  wanted = range(len(rows)) if shards is None else list(shards)
+  dims = {i: d for i in wanted if (d := _finished_shard_dim(storage, paths[i], rows[i], dtype)) is not None}
   if len(set(dims.values())) > 1:
     raise EmbedError(f"{storage.uri(prefix)}: finished shards disagree on the width: {dims}")
   dim = next(iter(dims.values()), None)
-  todo = [i for i in range(len(rows)) if i not in dims]
+  todo = [i for i in wanted if i not in dims]
 
   def features(i: int) -> dict[str, np.ndarray]:
     return blocks_doc_inputs(corpus.read_shard(i, text=False), block_len, specials)  # tokens + spans only
@@ -258,7 +260,7 @@ def embed_corpus(corpus, embed_fn: Callable[[Mapping[str, np.ndarray]], np.ndarr
     except ObjectExists:  # a concurrent run of the same job got there first: keep it if sound
       _finished_shard_dim(storage, paths[i], rows[i], dtype)
 
-  done = sum(rows[i] for i in dims)
+  done, total = sum(rows[i] for i in dims), sum(rows[i] for i in wanted)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     writes: list[concurrent.futures.Future] = []
     upcoming = pool.submit(features, todo[0]) if todo else None
@@ -276,7 +278,7 @@ def embed_corpus(corpus, embed_fn: Callable[[Mapping[str, np.ndarray]], np.ndarr
       writes.append(pool.submit(write, i, emb))
       done += rows[i]
       if progress:
-        progress(done, corpus.num_blocks)
+        progress(done, total)
     for w in writes:
       w.result()
   return EmbeddingSet(prefix, paths, rows, corpus.num_blocks, int(dim or 0), dtype,

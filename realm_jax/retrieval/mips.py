@@ -109,6 +109,22 @@ def place_rows(num_rows: int, dim: int, load_rows: Callable[[int, int], np.ndarr
   return RowShardedEmbeddings(array, num_rows, mesh, axes)
 
 
+def local_row_ranges(num_rows: int, mesh: Mesh, row_axes: str | Sequence[str] | None = None) -> list[tuple[int, int]]:
+  """The (lo, hi) row ranges `place_rows` asks this process for: its own devices' rows (clipped
+  to `num_rows`, without repeats), so it can read just those before placing them."""
+  axes = tuple(mesh.axis_names) if row_axes is None else _as_axes(row_axes)
+  _check_axes(mesh, axes, "row_axes")
+  shards = _axes_size(mesh, axes)
+  padded = -(-num_rows // shards) * shards
+  ranges = set()
+  for index in NamedSharding(mesh, P(axes, None)).addressable_devices_indices_map((padded, 1)).values():
+    start, stop, _ = index[0].indices(padded)
+    lo, hi = min(start, num_rows), min(stop, num_rows)
+    if hi > lo:
+      ranges.add((lo, hi))
+  return sorted(ranges)
+
+
 def shard_rows(matrix: np.ndarray, mesh: Mesh, row_axes: str | Sequence[str] | None = None,
                dtype: jnp.dtype | None = None) -> RowShardedEmbeddings:
   """Places a host [rows, dim] matrix (numpy or memory-mapped) on the mesh, sharded by rows."""

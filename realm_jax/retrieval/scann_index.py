@@ -277,3 +277,40 @@ def load_published(version: Any, under: str = "scann") -> ScannIndex:
   file checked against the version's manifest while staging."""
   with tempfile.TemporaryDirectory(prefix="realm-scann-") as tmp:
     return load_searcher(version.download(tmp, under=under))
+
+
+class PartitionedSearcher:
+  """Several searchers over consecutive row ranges of one corpus (one per refresher process),
+  searched as one: each partition returns its top k (+ exclusions), ids are shifted by the
+  partition's first row, and the best k of all are kept. `info` describes the whole."""
+
+  def __init__(self, parts: list[tuple[ScannIndex, int]]):
+    if not parts:
+      raise ScannIndexError("a partitioned searcher needs at least one partition")
+    self.parts = sorted(parts, key=lambda p: p[1])
+    dims = {index.info.dim for index, _ in self.parts}
+    if len(dims) != 1:
+      raise ScannIndexError(f"partitions disagree on the embedding width: {sorted(dims)}")
+    first = self.parts[0][0].info
+    rows = sum(index.info.num_rows for index, _ in self.parts)
+    self.info = dataclasses.replace(first, num_rows=rows)
+
+  def search(self, queries: np.ndarray, k: int, *, exclude_ids: np.ndarray | None = None,
+             parallel: bool = False) -> SearchResult:
+    """Top-k global row ids per query over every partition (see `ScannIndex.search`)."""
+    if len(self.parts) == 1 and self.parts[0][1] == 0:
+      return self.parts[0][0].search(queries, k, exclude_ids=exclude_ids, parallel=parallel)
+    q = np.asarray(queries, np.float32)
+    ex = _as_exclude(exclude_ids, q.shape[0]) if q.ndim == 2 else None
+    ids, scores = [], []
+    for index, offset in self.parts:
+      local_ex = None if ex is None or not ex.shape[1] else np.where(ex >= 0, ex - offset, -1)
+      if local_ex is not None:
+        local_ex = np.where((local_ex >= 0) & (local_ex < index.info.num_rows), local_ex, -1)
+      res = index.search(q, k, exclude_ids=local_ex, parallel=parallel)
+      ids.append(np.where(res.ids >= 0, res.ids.astype(np.int64) + offset, -1))
+      scores.append(res.scores)
+    ids, scores = np.concatenate(ids, axis=1), np.concatenate(scores, axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return SearchResult(np.take_along_axis(ids, order, axis=1).astype(np.int32),
+                        np.take_along_axis(scores, order, axis=1).astype(np.float32))

@@ -18,6 +18,7 @@ import numpy as np
 from realm_jax.storage.backend import ObjectNotFound, StorageError, crc32c_hex
 
 CHUNK_ROWS = 512  # rows per checksummed chunk: 64 KB of 128-d float32 embeddings, ~290 KB of tokens
+_CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
 
 
 class RowFileError(StorageError):
@@ -31,6 +32,39 @@ def npy_header_size(data: bytes) -> int:
   read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
   read(buf)
   return buf.tell()
+
+
+def _gf2_times(mat: list[int], vec: int) -> int:
+  out, i = 0, 0
+  while vec:
+    if vec & 1:
+      out ^= mat[i]
+    vec >>= 1
+    i += 1
+  return out
+
+
+def _gf2_square(mat: list[int]) -> list[int]:
+  return [_gf2_times(mat, mat[n]) for n in range(32)]
+
+
+def crc32c_shift(length: int) -> list[int]:
+  """The GF(2) operator that appends `length` zero bytes to a CRC32C register (zlib's
+  crc32_combine construction): `crc32c_combine` applies it."""
+  op = [_CRC32C_POLY] + [1 << n for n in range(31)]  # one zero bit
+  op = _gf2_square(_gf2_square(op))  # four zero bits
+  result = None
+  while length:  # op: 2^k zero bytes at step k
+    op = _gf2_square(op)
+    if length & 1:
+      result = op if result is None else [_gf2_times(op, result[n]) for n in range(32)]
+    length >>= 1
+  return result if result is not None else [1 << n for n in range(32)]
+
+
+def crc32c_combine(crc1: int, crc2: int, shift: list[int]) -> int:
+  """CRC32C of A + B from crc(A), crc(B) and `crc32c_shift(len(B))`."""
+  return _gf2_times(shift, crc1) ^ crc2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,3 +132,29 @@ class RowFile:
                            "fail their checksum (corrupt or overwritten)")
     lo = (a - c0 * self.chunk_rows) * self.row_bytes
     return data[lo:lo + (b - a) * self.row_bytes]
+
+  def check_whole(self, storage, size: int, crc32c: str, where: str | None = None) -> int:
+    """Checks that the chunk checksums, with the file's header (read here, verified to be the
+    `.npy` header of `rows` rows), make up the whole file the manifest describes (`size` bytes,
+    CRC32C `crc32c`): range reads verified chunk by chunk then verify against the manifest too.
+    Returns the bytes read; raises RowFileError naming the file otherwise."""
+    where = where or storage.uri(self.path)
+    if size != self.size:
+      raise RowFileError(f"{where}: row layout gives {self.size} bytes; manifest says {size} bytes")
+    try:
+      header = storage.read_range(self.path, 0, self.offset, generation=self.generation)
+    except (FileNotFoundError, ObjectNotFound):
+      raise RowFileError(f"{where}: missing") from None
+    if len(header) != self.offset:
+      raise RowFileError(f"{where}: shorter than its manifest says (truncated)")
+    crc = int(crc32c_hex(header), 16)
+    step = self.chunk_rows * self.row_bytes
+    full = crc32c_shift(step) if self.crc32c else None
+    for c, chunk in enumerate(self.crc32c):
+      last = self.size - self.offset - c * step
+      shift = full if last >= step else crc32c_shift(last)
+      crc = crc32c_combine(crc, int(chunk, 16), shift)
+    if f"{crc:08x}" != crc32c:
+      raise RowFileError(f"{where}: header and row checksums give crc32c {crc:08x}; manifest says "
+                         f"{size} bytes, crc32c {crc32c}")
+    return len(header)

@@ -1,8 +1,9 @@
 """The trainer's view of the index: the version in use on the mesh, and a thread that loads newer ones.
 
-`IndexWatcher` polls `index/LATEST` off the critical path, loads and verifies a newer version and
-hands it to the loop, which swaps it in between steps (`Trainer._maybe_swap_index`). A version that
-fails to load is logged once and skipped; the trainer keeps the index it has.
+`IndexWatcher` polls `index/LATEST` off the critical path, loads a newer version with the
+trainer's loader (this process's rows only, each chunk verified) and hands it to the loop, which
+swaps it in between steps (`Trainer._maybe_swap_index`). A version that fails to load is logged
+once and skipped; the trainer keeps the index it has.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from realm_jax import layout, publish
-from realm_jax.data.corpus import CorpusReader
 from realm_jax.errors import RealmError
 from realm_jax.logs import RunLog
 from realm_jax.retrieval import index as index_lib, mips
@@ -36,12 +36,12 @@ class IndexWatcher(threading.Thread):
   its current index).
   """
 
-  def __init__(self, storage: Storage, corpus: CorpusReader, current: str, poll_s: float, with_searcher: bool,
+  def __init__(self, storage: Storage, load: Callable[[str], tuple[Any, Any]], current: str, poll_s: float,
                log: RunLog):
     super().__init__(daemon=True, name="realm-index-watcher")
-    self.storage, self.corpus, self.poll_s, self.log = storage, corpus, poll_s, log
-    self.current, self.with_searcher = current, with_searcher
-    self._ready: tuple[index_lib.LoadedIndex, Any] | None = None
+    self.storage, self.load, self.poll_s, self.log = storage, load, poll_s, log
+    self.current = current
+    self._ready: tuple[Any, Any] | None = None
     self._lock = threading.Lock()
     self._stop = threading.Event()
     self.rejected: list[str] = []
@@ -54,10 +54,9 @@ class IndexWatcher(threading.Thread):
         if info is None or info.version == self.current or info.version in self.rejected:
           continue
         t0 = time.perf_counter()
-        loaded = index_lib.load_index(self.storage, info.version, corpus=self.corpus)
-        searcher = loaded.load_searcher() if self.with_searcher else None
+        ready = self.load(info.version)
         with self._lock:
-          self._ready = (loaded, searcher)
+          self._ready = ready
         self.current = info.version
         self.log(f"index watcher: loaded {info.version} (checkpoint step {info.step}) in "
                  f"{time.perf_counter() - t0:.1f}s; swapping in at the next step")
@@ -76,7 +75,7 @@ class IndexWatcher(threading.Thread):
     except Exception:  # noqa: BLE001 - only for a log line
       return "?"
 
-  def take(self) -> tuple[index_lib.LoadedIndex, Any] | None:
+  def take(self) -> tuple[Any, Any] | None:
     """The version loaded since the last call (and its searcher), or None."""
     with self._lock:
       ready, self._ready = self._ready, None

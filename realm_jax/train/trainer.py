@@ -12,7 +12,6 @@ import time
 from typing import Callable
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 
@@ -122,25 +121,25 @@ class Trainer(TrainLoop):
   def _publish_index(self) -> None:
     """Embeds the corpus with the current document tower and publishes it (bootstrap / sync).
 
-    Process 0 embeds on its own devices (a jitted computation over the global mesh would need
-    every process); the others wait at a barrier until the version is published.
+    Every process embeds its own run of corpus shards on its own devices (a jitted computation
+    over the global mesh would tie the processes step by step) and process 0 publishes.
     """
-    embedder = parallel.local_copy(self.model.retriever.doc_embedder)  # every process takes part
-    if self.is_chief:
-      info = index_lib.build_and_publish_index(
-          self.storage, embedder, self.corpus, self.cfg.model, step=self.step, mesh=parallel.local_mesh(),
-          with_scann=self.cfg.retrieval == "scann", keep=self.cfg.keep_index_versions)
-      self.log(f"published index {info.version} from the document tower at step {self.step} "
-               f"({info.num_blocks} blocks, embed {info.timings.get('embed_seconds', 0):.1f}s)")
-    parallel.barrier(f"realm-jax-index-published-{self.step}")
+    embedder = parallel.local_copy(self.model.retriever.doc_embedder)
+    info = index_lib.build_and_publish_index(
+        self.storage, embedder, self.corpus, self.cfg.model, step=self.step, mesh=parallel.local_mesh(),
+        keep=self.cfg.keep_index_versions, with_scann=self.cfg.retrieval == "scann")
+    self.log(f"published index {info.version} from the document tower at step {self.step} "
+             f"({info.num_blocks} blocks, embed {info.timings.get('embed_seconds', 0):.1f}s)")
 
-  def _load(self, version: str | None = None) -> tuple[index_lib.LoadedIndex, object]:
-    """An index version (LATEST by default), verified, with its ScaNN searcher when retrieval needs it."""
-    loaded = index_lib.load_index(self.storage, version, corpus=self.corpus)
+  def _load(self, version: str | None = None) -> tuple[index_lib.IndexRows, object]:
+    """This process's devices' rows of an index version (LATEST by default), each chunk verified,
+    with the version's ScaNN searcher when retrieval needs it."""
+    ranges = mips.local_row_ranges(self.corpus.num_blocks, self.mesh)
+    loaded = index_lib.load_index_rows(self.storage, ranges, version, corpus=self.corpus)
     return loaded, loaded.load_searcher() if self.cfg.retrieval == "scann" else None
 
-  def _activate(self, loaded: index_lib.LoadedIndex, searcher=None) -> None:
-    self.active = ActiveIndex(loaded.info, mips.shard_rows(loaded.embeddings, self.mesh), searcher)
+  def _activate(self, loaded: index_lib.IndexRows, searcher=None) -> None:
+    self.active = ActiveIndex(loaded.info, loaded.to_mesh(self.mesh), searcher)
     self.index_versions.append(loaded.info.version)
 
   def _setup_index(self) -> None:
@@ -153,8 +152,8 @@ class Trainer(TrainLoop):
     info = self.active.info
     self.log(f"using index {info.version} (checkpoint step {info.step}, {info.num_blocks} blocks)")
     if self.cfg.index_refresh == "async":
-      self.watcher = IndexWatcher(self.storage, self.corpus, info.version, self.cfg.index_poll_seconds,
-                                  with_searcher=self.cfg.retrieval == "scann", log=self.log)
+      self.watcher = IndexWatcher(self.storage, self._load, info.version, self.cfg.index_poll_seconds,
+                                  log=self.log)
       self.watcher.start()
 
   def _maybe_swap_index(self) -> None:
@@ -189,9 +188,10 @@ class Trainer(TrainLoop):
     """Host-side retrieval for `retrieval='scann'`: query embeddings with the current weights,
     ScaNN search on the host, candidates fed to the step as `candidate_ids`."""
     q = self._embed_queries(nnx.state(self.model), batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    res = self.active.searcher.search(np.asarray(q), self.cfg.model.num_candidates - 1,
-                                      exclude_ids=np.asarray(batch["block_id"])[:, None])
-    batch["candidate_ids"] = jax.device_put(res.ids, self.batch_sharding)
+    # This process's queries only (its rows of the global batch): each process searches its own.
+    local_q, local_ids = parallel.process_local_rows(q), parallel.process_local_rows(batch["block_id"])
+    res = self.active.searcher.search(local_q, self.cfg.model.num_candidates - 1, exclude_ids=local_ids[:, None])
+    batch["candidate_ids"] = jax.make_array_from_process_local_data(self.batch_sharding, res.ids)
 
   # -- the loop --------------------------------------------------------------------------------------
   def _extra_scalars(self) -> dict[str, float]:
