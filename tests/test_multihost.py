@@ -80,3 +80,68 @@ def test_four_hosts_train_and_resume_on_gcs(corpus_files, gcs_server):
   np.testing.assert_allclose([h["loss"] for h in got], [h["loss"] for h in want], rtol=1e-5)
   storage = Storage.open(root)
   assert {p.split("/")[1] for p in storage.list("checkpoints") if p.count("/") > 1} >= {"1", "2", "3"}
+
+
+# Each process's storage counts the bytes it reads, per object; the trainer runs over it.
+_COUNTING = textwrap.dedent("""
+    import json, pathlib
+    import jax
+    from realm_jax.retrieval import mips
+    from realm_jax.storage import Storage
+    from realm_jax.storage.local import LocalBackend
+    from realm_jax.train.config import load_config
+    from realm_jax.train.trainer import Trainer
+
+    class Counting:
+      def __init__(self, inner):
+        self.inner, self.read_bytes = inner, {}
+      def __getattr__(self, name):
+        return getattr(self.inner, name)
+      def _count(self, key, data):
+        self.read_bytes[key] = self.read_bytes.get(key, 0) + len(data)
+        return data
+      def read(self, key, generation):
+        return self._count(key, self.inner.read(key, generation))
+      def read_range(self, key, start, length, generation):
+        return self._count(key, self.inner.read_range(key, start, length, generation))
+
+    backend = Counting(LocalBackend(pathlib.Path(ROOT)))
+    trainer = Trainer(load_config("smoke", OVERRIDES), Storage(ROOT, backend), log_fn=lambda m: None, stop_after=2)
+    at_start = dict(backend.read_bytes)
+    result = trainer.run()
+    print("READS=" + json.dumps({"start": at_start, "all": backend.read_bytes, "versions": result.index_versions,
+                                 "rows": mips.local_row_ranges(trainer.corpus.num_blocks, trainer.mesh)}))
+""")
+
+
+def test_each_process_reads_only_its_rows_at_start_and_at_a_swap(tmp_path):
+  """2 processes x 2 devices over a corpus of 8 shard files: at start-up each reads the token
+  files of its own devices' rows only, and each index version it loads (the first at start-up, the
+  next at a synchronous refresh) only its rows' embedding files; neither reads any text."""
+  write_documents(tmp_path / "docs.jsonl")
+  root = str(tmp_path / "run")
+  manifest = build_corpus([str(tmp_path / "docs.jsonl")], Storage.open(root), block_len=64, shard_blocks=2)
+  n = sum(s["num_blocks"] for s in manifest["shards"])
+  assert len(manifest["shards"]) == 8 and n == 16
+  overrides = BASE[:1] + ["num_train_steps=40", "log_every=1", "async_checkpointing=false", "data_shards=2",
+                          "index_refresh=sync", "sync_refresh_every=1", "checkpoint_every=100"]
+  script = f"ROOT = {root!r}\nOVERRIDES = {overrides!r}\n" + _COUNTING
+  outs = [json.loads(next(line for line in out.splitlines() if line.startswith("READS="))[len("READS="):])
+          for out in run_processes(script, num_processes=2, devices_per_process=2)]
+  # The row ranges the processes place are disjoint halves of the corpus (checked here, not assumed).
+  # (per device: [lo, hi) pairs, merged here)
+  assert [sorted(r for lo, hi in o["rows"] for r in range(lo, hi)) for o in outs] == [list(range(8)),
+                                                                                      list(range(8, 16))]
+  storage = Storage.open(root)
+  versions = outs[0]["versions"]
+  assert len(versions) == 2 and outs[1]["versions"] == versions  # start-up, then the swap
+  for pid, out in enumerate(outs):
+    own_shards = {f"{s:05d}" for s in range(4 * pid, 4 * pid + 4)}  # 2 rows per shard file
+    started = {k: v for k, v in out["start"].items() if "/tokens-" in k or "/text-" in k}
+    assert started and {k.split("-")[-1].split(".")[0] for k in started} <= own_shards, started
+    assert not any("/text-" in k for k in out["all"]), out["all"]
+    for version in versions:
+      emb = {k: v for k, v in out["all"].items() if k.startswith(f"index/{version}/embeddings/")}
+      assert {k.split("-")[-1].split(".")[0] for k in emb} == own_shards, emb
+      whole = sum(storage.stat(f"index/{version}/embeddings/emb-{s:05d}.npy").size for s in range(8))
+      assert sum(emb.values()) <= 0.5 * whole, (sum(emb.values()), whole)  # its rows' files, each read once
