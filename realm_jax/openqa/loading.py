@@ -193,11 +193,14 @@ class AnsweringSetup:
 
 
 def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: str | None = None,
-                       index_version: str | None = None, corpus_prefix: str | None = None) -> AnsweringSetup:
+                       index_version: str | None = None, corpus_prefix: str | None = None,
+                       role: str = "evaluate") -> AnsweringSetup:
   """Model (checkpoint or weights), corpus and the index it was fine-tuned with (or `index_version`,
-  or LATEST), all checked against each other."""
-  from realm_jax.parallel import make_mesh
+  or LATEST), all checked against each other. Answering runs as one process (`role` names it in
+  the error on a multi-host machine)."""
+  from realm_jax.parallel import initialize_distributed, make_mesh
 
+  initialize_distributed(role, multi_process=False)
   finetuned = load_finetuned(storage_uri, step, weights_uri)
   storage = Storage.open(storage_uri)
   tables = load_corpus(storage, corpus_prefix or finetuned.corpus_prefix, finetuned.config)

@@ -24,7 +24,7 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from realm_jax import layout, publish
+from realm_jax import layout, parallel, publish
 from realm_jax.config import RealmConfig
 from realm_jax.data.corpus import CorpusReader
 from realm_jax.errors import RealmError
@@ -88,6 +88,7 @@ class Refresher:
   def __init__(self, storage: Storage | str, options: RefreshOptions = RefreshOptions(), *,
                config: TrainConfig | None = None, overrides: Sequence[str] = (),
                log_fn: Callable[[str], None] | None = None):
+    parallel.initialize_distributed("refresh", multi_process=False)  # one process, its own VM
     self.storage = storage if isinstance(storage, Storage) else Storage.open(storage)
     self.options = options
     self.log = RunLog("realm_jax.refresh", log_fn)
