@@ -13,7 +13,7 @@ from flax import nnx
 from realm_jax import weights
 from realm_jax.config import RealmConfig
 from realm_jax.convert import hf as hfconv
-from realm_jax.data.corpus import CorpusReader
+from realm_jax.data.corpus import CorpusReader, open_corpus
 from realm_jax.errors import ConfigError, RealmError
 from realm_jax.models import KnowledgeAugEncoder, OpenQAModel
 from realm_jax.openqa import features
@@ -44,7 +44,7 @@ def init_openqa_model(cfg: RealmConfig, init: str | None, seed: int, log: Callab
   pre-training storage root (its newest checkpoint: retriever, and the encoder's BERT for the
   reader) or a weights directory (retriever and reader, or encoder -> reader)."""
   model = OpenQAModel(cfg, rngs=nnx.Rngs(seed))
-  if not init:
+  if not init or init == "random":
     log("initialised the Open-QA model randomly")
     return model
   if init == "minilm":
@@ -102,6 +102,7 @@ class Finetuned:
   index_version: str | None
   step: int | None
   corpus_prefix: str
+  corpus: str | None = None  # the corpus URI the model was fine-tuned on (None: under the root)
 
 
 def load_finetuned(storage_uri: str, step: int | None = None, weights_uri: str | None = None) -> Finetuned:
@@ -131,7 +132,8 @@ def load_finetuned(storage_uri: str, step: int | None = None, weights_uri: str |
   for part in ("retriever", "reader"):
     ckpt.restore_part(step, model, part)
   model.eval()
-  return Finetuned(model, cfg, meta.get("index_version"), step, meta["config"].get("corpus_prefix", "corpus"))
+  return Finetuned(model, cfg, meta.get("index_version"), step, meta["config"].get("corpus_prefix", "corpus"),
+                   meta["config"].get("corpus"))
 
 
 @dataclasses.dataclass
@@ -147,8 +149,10 @@ class CorpusTables:
     return len(self.blocks)
 
 
-def load_corpus(storage: Storage, prefix: str, cfg: RealmConfig) -> CorpusTables:
-  corpus = CorpusReader(storage, prefix)
+def load_corpus(storage: Storage, prefix: str, cfg: RealmConfig, uri: str | None = None) -> CorpusTables:
+  """The corpus at `uri` (its own location), else at `prefix` under `storage`, read into host memory
+  and checked against the model's vocabulary and block length."""
+  corpus = open_corpus(storage, uri, prefix)
   tok = corpus.tokenizer()
   if tok.vocab_size > cfg.bert.vocab_size:
     raise ConfigError(f"the corpus tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
@@ -203,7 +207,8 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
   initialize_distributed(role, multi_process=False)
   finetuned = load_finetuned(storage_uri, step, weights_uri)
   storage = Storage.open(storage_uri)
-  tables = load_corpus(storage, corpus_prefix or finetuned.corpus_prefix, finetuned.config)
+  tables = load_corpus(storage, corpus_prefix or finetuned.corpus_prefix, finetuned.config,
+                       uri=None if corpus_prefix else finetuned.corpus)
   version = index_version or finetuned.index_version
   if version is None and index_lib.latest_index_info(storage) is None:
     raise OpenQALoadError(f"{storage.uri(index_lib.PREFIX)}: no index published; fine-tune there first or "
