@@ -199,7 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       s.add_argument("--init", help="starting weights: gs://... weights directory or run root, minilm, random")
     s.add_argument("--log-every", type=float, default=LOG_EVERY,
                    help=f"seconds between copies of each worker's log to STORAGE/logs/ (default {LOG_EVERY:g})")
-    s.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config overrides")
+    s.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="config overrides (repeatable)")
     s.add_argument("--env", action="append", metavar="NAME=VALUE",
                    help="environment variable for the job (repeatable)")
   for action in ("stop", "status"):

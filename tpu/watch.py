@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--corpus", default=os.environ.get("REALM_CORPUS"),
                  help="the corpus's own URI gs://BUCKET/corpora/NAME (env REALM_CORPUS; default STORAGE/corpus)")
   p.add_argument("--init", help="the trainer's starting weights (gs://... weights directory or run root)")
-  p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="trainer config overrides")
+  p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="trainer config overrides (repeatable)")
   p.add_argument("--env", action="append", metavar="NAME=VALUE", help="job environment")
   p.add_argument("--no-refresher", action="store_true",
                  help="watch only the trainer even if --refresh-type is set (ict never watches "

@@ -129,3 +129,50 @@ def clean_environment(**extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
   env.update(extra)
   return env
+
+
+FAKE_UV = '''#!{python}
+"""The TPU VM image's `uv` on a machine without network: `uv venv` makes the venv from this
+machine's released CPython ({version}); `uv pip install "realm-jax[tpu] @ file://DIR"` puts the
+shipped tree DIR on the venv's path (a .pth file) and writes the `realm-jax` console script
+(a stand-in for building and installing the wheel, which tests/test_wheel.py covers)."""
+import json, os, pathlib, subprocess, sys
+
+args = sys.argv[1:]
+with open(pathlib.Path(os.environ["HOME"]) / ".fake-uv-calls.jsonl", "a") as f:
+  f.write(json.dumps(args) + "\\n")
+
+
+def value(flag):
+  return args[args.index(flag) + 1]
+
+
+if args[0] == "venv":
+  if value("--python") != "{version}" or value("--python-preference") != "only-managed":
+    sys.exit(f"fake uv: this image has CPython {version} only, asked for {{args}}")
+  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", args[-1]], check=True)
+elif args[:2] == ["pip", "install"]:
+  requirement, python = args[-1], pathlib.Path(value("--python"))
+  if " @ file://" not in requirement:
+    sys.exit(f"fake uv: no network here, cannot install {{requirement!r}}")
+  venv = python.parent.parent
+  site = venv / "lib" / f"python{{sys.version_info[0]}}.{{sys.version_info[1]}}" / "site-packages"
+  (site / "realm_jax_shipped.pth").write_text(requirement.split(" @ file://", 1)[1] + "\\n")
+  script = venv / "bin" / "realm-jax"
+  script.write_text(f"#!{{python}}\\nimport sys\\nfrom realm_jax.cli.main import main\\nsys.exit(main())\\n")
+  script.chmod(0o755)
+else:
+  sys.exit(f"fake uv: unsupported {{args}}")
+'''
+
+
+def write_tpu_vm_image(directory: Path) -> tuple[Path, Path]:
+  """The fake VM image: (its bin/ with `uv`, its site dir with the PCI bus's sitecustomize.py)."""
+  import sys
+
+  bin_dir = directory / "bin"
+  bin_dir.mkdir(parents=True, exist_ok=True)
+  version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+  (bin_dir / "uv").write_text(FAKE_UV.format(python=sys.executable, version=version))
+  (bin_dir / "uv").chmod(0o755)
+  return bin_dir, write_tpu_vm_site(directory / "site")
