@@ -139,6 +139,7 @@ def cloud(tmp_path, gcs_server):
 def test_the_readme_walkthrough_on_a_fake_pod(cloud):
   r = cloud
   r.checked_code = False
+  started = time.perf_counter()
   bucket = r.bucket
   watch = None
   docs = write_documents(r.cwd / "facts.jsonl")
@@ -171,6 +172,7 @@ def test_the_readme_walkthrough_on_a_fake_pod(cloud):
       else:
         raise AssertionError(f"the rehearsal does not know how to run {line!r}")
       r.ran.append(line)
+      print(f"{time.perf_counter() - started:6.1f} s  {line}", flush=True)  # the timeline, with -s
   finally:
     if watch is not None and watch.poll() is None:
       watch.kill()

@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import numpy as np
 from etils import epath
 from flax import nnx
 
-from realm_jax import weights
+from realm_jax import parallel, weights
 from realm_jax.config import RealmConfig
 from realm_jax.convert import hf as hfconv
 from realm_jax.data.corpus import CorpusReader, open_corpus
@@ -165,13 +166,21 @@ def load_corpus(storage: Storage, prefix: str, cfg: RealmConfig, uri: str | None
 def ensure_index(storage: Storage, model: OpenQAModel, tables: CorpusTables, cfg: RealmConfig, mesh,
                  version: str | None, log: Callable[[str], None]) -> index_lib.LoadedIndex:
   """The index to retrieve from: `version` if given, else LATEST, else built now from the model's
-  document tower and published (the document embeddings stay frozen from then on)."""
-  if version is None and index_lib.latest_index_info(storage) is None:
-    log("no index published: embedding the corpus with the document tower (frozen from now on)")
+  document tower and published (the document embeddings stay frozen from then on).
+
+  Every process calls it. With several, process 0's view decides whether to build, process 0
+  embeds on its own devices (a computation over the global mesh would need every process) and
+  publishes, and the others wait at a barrier, as the trainer's bootstrap index does."""
+  missing = version is None and index_lib.latest_index_info(storage) is None
+  if parallel.agree("build" if missing else None) == "build":
     model.eval()
-    info = index_lib.build_and_publish_index(storage, model.retriever.doc_embedder, tables.reader, cfg, step=0,
-                                             mesh=mesh)
-    log(f"published index {info.version} ({info.num_blocks} blocks)")
+    embedder = parallel.local_copy(model.retriever.doc_embedder)  # every process takes part
+    if parallel.is_chief():
+      log("no index published: embedding the corpus with the document tower (frozen from now on)")
+      local = mesh if jax.process_count() == 1 else parallel.local_mesh()
+      info = index_lib.build_and_publish_index(storage, embedder, tables.reader, cfg, step=0, mesh=local)
+      log(f"published index {info.version} ({info.num_blocks} blocks)")
+    parallel.barrier("realm-jax-finetune-index-published")
   loaded = index_lib.load_index(storage, version, corpus=tables.reader)
   if loaded.info.dim != cfg.retriever_dim:
     raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model "
@@ -202,9 +211,7 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
   """Model (checkpoint or weights), corpus and the index it was fine-tuned with (or `index_version`,
   or LATEST), all checked against each other. Answering runs as one process (`role` names it in
   the error on a multi-host machine)."""
-  from realm_jax.parallel import initialize_distributed, make_mesh
-
-  initialize_distributed(role, multi_process=False)
+  parallel.initialize_distributed(role, multi_process=False)
   finetuned = load_finetuned(storage_uri, step, weights_uri)
   storage = Storage.open(storage_uri)
   tables = load_corpus(storage, corpus_prefix or finetuned.corpus_prefix, finetuned.config,
@@ -217,4 +224,4 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
   if loaded.info.dim != finetuned.config.retriever_dim:
     raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model retrieves with "
                           f"{finetuned.config.retriever_dim}-d queries")
-  return AnsweringSetup(finetuned, tables, loaded, make_mesh())
+  return AnsweringSetup(finetuned, tables, loaded, parallel.make_mesh())
