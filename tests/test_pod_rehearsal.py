@@ -34,6 +34,7 @@ from tests.helpers.facts_corpus import write_documents
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "tpu" / "README.md"
 
+REALM_STEPS = 10  # checkpoints every 2: the preemption comes after the first finished one
 TINY_MODEL = ["model.bert.hidden_size=128", "model.bert.num_layers=2", "model.bert.num_heads=2",
               "model.bert.intermediate_size=512", "model.bert.dtype=float32", "model.span_hidden_size=64",
               "model.block_len=64"]
@@ -42,7 +43,7 @@ TRAIN = TINY_MODEL + ["model.query_len=32", "model.num_candidates=4", "target_sl
                       "index_poll_seconds=1"]
 REHEARSAL = {  # --set appended to each trainer command of the page: a tiny model, a few steps
     "ict": TRAIN + ["num_train_steps=2"],
-    "pretrain": TRAIN + ["num_train_steps=30"],
+    "pretrain": TRAIN + [f"num_train_steps={REALM_STEPS}"],
     "finetune": TINY_MODEL + ["model.query_len=16", "model.reader_len=80", "model.reader_beam_size=4",
                               "retriever_beam_size=16", "batch_size=8", "num_train_steps=4", "checkpoint_every=2",
                               "log_every=1", "warmup_steps=1", "eval_questions=", "max_answers=2",
@@ -119,7 +120,11 @@ def cloud(tmp_path, gcs_server):
   vms = {node: [{"env": {"GCE_METADATA_IP": s.address, "JAX_COORDINATOR_PORT": str(ports[node])}} for s in group]
          for node, group in servers.items()}
   image_env = {**gcs_server.env, "JAX_FORCE_TPU_INIT": "1", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
-               "PYTHONPATH": str(site), "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+               "PYTHONPATH": str(site), "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
+               # REHEARSAL: a compilation cache on a disk the VMs share, so that the trainer resumed
+               # after the preemption does not compile its step again (40 s on this busy machine).
+               "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   gcloud_bin = fake_gcloud.install(tmp_path / "cloud", image_env, f"{image_bin}:/usr/local/bin:/usr/bin:/bin", vms)
   bucket = gcs_server.new_bucket("rehearsal")[len("gs://"):]
   env = fake_cloud.clean_environment(PATH=f"{gcloud_bin}:{os.environ['PATH']}", PYTHONPATH=str(REPO),
@@ -251,8 +256,8 @@ def _preempt_after_a_checkpoint(r: Rehearsal) -> None:
   run = Storage.open(f"gs://{r.bucket}/realm-run1")
   deadline = time.time() + 300
   while time.time() < deadline:
-    steps = [p for p in run.list("checkpoints") if re.search(r"checkpoints/\d+/meta/", p)] \
-        if run.exists("checkpoints") else []
+    # A step is finished once orbax wrote its commit marker (on GCS there is no atomic rename).
+    steps = [p for p in run.list("checkpoints") if re.fullmatch(r"checkpoints/\d+/commit_success.txt", p)]
     if steps:
       break
     time.sleep(0.3)
@@ -273,7 +278,7 @@ def _check_the_runs(r: Rehearsal) -> None:
   assert f"initialised encoder, retriever from gs://{r.bucket}/weights/bert-base-uncased" in ict0
   assert "process 1 of 2" in b.read_bytes("ict-run1/logs/ict/worker-1.log").decode()
   # REALM: preempted, re-created, re-installed, resumed, finished; the refresher published indices.
-  assert b.read_bytes("realm-run1/TRAINING_DONE") == b"30\n"
+  assert b.read_bytes("realm-run1/TRAINING_DONE") == f"{REALM_STEPS}\n".encode()
   assert "realm-train-qr is SUSPENDED: re-creating it" in r.watch_output
   launches = {}
   for worker in (0, 1):
@@ -284,14 +289,14 @@ def _check_the_runs(r: Rehearsal) -> None:
   first, second = launches[0]
   assert f"initialised retriever from checkpoint step 2 of gs://{r.bucket}/ict-run1" in first
   resumed = int(re.search(r"resumed from checkpoint step (\d+)", second).group(1))
-  assert 2 <= resumed < 30
-  assert "training done at step 30" in second
+  assert 2 <= resumed < REALM_STEPS
+  assert f"training done at step {REALM_STEPS}" in second
   refresh = b.read_bytes("realm-run1/logs/refresh/worker-0.log").decode()
   assert "published index" in refresh or "published" in refresh, refresh[-3000:]
   latest = b.read_json("realm-run1/index/LATEST")
   assert int(latest["version"].split("-")[0]) > 0  # an index from a trainer checkpoint, not only the bootstrap
   # Fine-tuning: from the REALM run's newest checkpoint, on the shared corpus, questions from the bucket.
   qa0 = b.read_bytes("nq-run1/logs/finetune/worker-0.log").decode()
-  assert f"from checkpoint step 30 under gs://{r.bucket}/realm-run1" in qa0, qa0[-3000:]
+  assert f"from checkpoint step {REALM_STEPS} under gs://{r.bucket}/realm-run1" in qa0, qa0[-3000:]
   assert "finished at step 4" in qa0
   assert r.checked_code
