@@ -113,7 +113,10 @@ class Trainer(TrainLoop):
     model = init_model(cfg, self.log)
     model.train()
     self.schedule = warmup_linear_decay(cfg.learning_rate, cfg.num_train_steps, cfg.warmup_steps)
-    tx = bert_adamw(self.schedule, cfg.weight_decay, cfg.clip_norm, lr_mults=cfg.lr_mults)
+    # The ICT loss never reads the encoder: BERT's optimizer updates only variables with a gradient,
+    # so neither does ours (without the rule, weight decay would shrink the encoder on every step).
+    lr_mults = ((r"^encoder/", 0.0),) + tuple(cfg.lr_mults) if cfg.task == "ict" else cfg.lr_mults
+    tx = bert_adamw(self.schedule, cfg.weight_decay, cfg.clip_norm, lr_mults=lr_mults)
     if cfg.grad_accum_steps > 1:
       tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
     self._place(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
