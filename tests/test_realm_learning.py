@@ -41,7 +41,7 @@ from tests.helpers import learning
 
 MIN_READING = 0.9  # held-out accuracy of the city with the person's own block next to the query
 MAX_GUESSING = 0.1  # ... with another person's block or the null document (it cannot know the city)
-MIN_UTILITY = 0.5  # nats, retrieval utility over the null document, mean of the last 10 steps
+MIN_UTILITY = 0.5  # nats, top-1 retrieval utility over the null document, mean of the last 10 steps
 MIN_RECALL, MIN_RECALL_GAIN = 0.8, 0.3  # recall@8 of the fact block after REALM, and its rise
 
 

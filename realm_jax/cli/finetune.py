@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from realm_jax.cli.pretrain import add_run_flags, run_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("finetune", help="Open-QA fine-tuning on a frozen index",
@@ -15,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                  "or a .py/.json path")
   p.add_argument("--storage", required=True,
                  help="storage root with the corpus: gs://bucket/run, file:///path or a path")
+  add_run_flags(p)
   p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                  help="override a config field, e.g. --set train_questions=nq-train.jsonl --set init=gs://b/pretrain")
   p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the root")
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
   from realm_jax.openqa.finetune import Finetuner
   from realm_jax.retrieval import index as index_lib
 
-  cfg = load_finetune_config(args.config, args.set)
+  cfg = load_finetune_config(args.config, run_overrides(args) + list(args.set))
   tuner = Finetuner(cfg, args.storage, resume=args.resume, stop_after=args.stop_after, index_version=args.index)
   result = tuner.run()
   print(f"realm-jax finetune: finished at step {result.step} (index {result.index_version})")
