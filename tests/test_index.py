@@ -147,20 +147,51 @@ def test_corrupt_or_missing_files_refused(shared_storage_root, tmp_path, embedde
   # with the header do not give it, so a range reader refuses the file too.
   info, vdir = _published(storage, embedder, embed_fn, corpus, 4)
   index_lib.load_index_rows(storage, [(0, n)])
-  bad = f"{info.version[:12]}-bad"
-  manifest = storage.read_json(f"{vdir}/manifest.json")
-  for f, entry in manifest["files"].items():  # a copy: the same bytes, new objects
-    entry["generation"] = storage.write_bytes(f"index/{bad}/{f}", storage.read_bytes(f"{vdir}/{f}")).generation
-  manifest["version"], manifest["files"][name]["crc32c"] = bad, "0badc0de"
-  written = storage.write_bytes(f"index/{bad}/manifest.json", json.dumps(manifest).encode())
-  storage.write_json("index/LATEST", {"format": publish.FORMAT, "version": bad,
-                                      "manifest_generation": written.generation,
-                                      "published": "2026-01-01T00:00:00+00:00"})
+  bad = _copy_behind_latest(storage, info.version, "bad", lambda m: m["files"][name].update(crc32c="0badc0de"))
   first = info.first_rows[1]  # a row of emb-00001
   with pytest.raises(RealmError, match=rf"index/{bad}/embeddings/emb-00001\.npy: .*manifest says .*0badc0de"):
     index_lib.load_index_rows(storage, [(first, first + 1)])
   with pytest.raises(RealmError, match=rf"index/{bad}/embeddings/emb-00001\.npy"):
     index_lib.load_index(storage)
+
+
+def _copy_behind_latest(storage, version: str, suffix: str, edit) -> str:
+  """A copy of `version` (the same bytes, new objects) whose manifest `edit` changes, put behind
+  LATEST by hand as a damaged publisher would; returns its name."""
+  bad = f"{version[:12]}-{suffix}"
+  manifest = storage.read_json(f"index/{version}/manifest.json")
+  for f, entry in manifest["files"].items():
+    entry["generation"] = storage.write_bytes(f"index/{bad}/{f}",
+                                              storage.read_bytes(f"index/{version}/{f}")).generation
+  manifest["version"] = bad
+  edit(manifest)
+  written = storage.write_bytes(f"index/{bad}/manifest.json", json.dumps(manifest).encode())
+  storage.write_json("index/LATEST", {"format": publish.FORMAT, "version": bad,
+                                      "manifest_generation": written.generation,
+                                      "published": "2026-01-01T00:00:00+00:00"})
+  return bad
+
+
+def test_row_ranges_that_do_not_cover_the_corpus_are_refused(tmp_path, embedder, embed_fn):
+  storage = Storage.open(str(tmp_path / "root"))
+  corpus = make_corpus(storage, tmp_path, num_docs=6, shard_blocks=4)
+  info = _build(storage, embedder, corpus, 1, embed_fn=embed_fn)
+  n = corpus.num_blocks
+
+  def short_shard(m):  # the shards' rows add up to less than the corpus
+    m["metadata"]["shards"][-1]["rows"] -= 1
+
+  def scann_gap(m):  # the searcher partitions leave rows out
+    m["metadata"]["scann_parts"][0]["rows"] -= 1
+
+  cases = [("short", short_shard, rf"rows add up to {n - 1}, not num_blocks {n} \(the row ranges do not cover"),
+           ("gap", scann_gap, rf"ScaNN partitions cover rows .*, not \[0, {n}\)")]
+  for suffix, edit, pattern in cases:
+    bad = _copy_behind_latest(storage, info.version, suffix, edit)
+    for load in (lambda: index_lib.load_index_rows(storage, [(0, n)], corpus=corpus),
+                 lambda: index_lib.load_index(storage, corpus=corpus)):
+      with pytest.raises(index_lib.IndexLoadError, match=rf"index/{bad}/manifest\.json: .*({pattern})"):
+        load()
 
 
 def test_mismatched_corpus_or_config_refused(tmp_path, embedder, embed_fn):

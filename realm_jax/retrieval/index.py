@@ -108,9 +108,11 @@ class IndexInfo:
                  str(m["created"]), row_files if len(row_files) == len(shards) else (), parts)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       raise IndexLoadError(f"{where}: not realm-jax index metadata ({e})") from None
-    if info.dtype not in embed_lib.DTYPES or sum(r for _, r in shards) != info.num_blocks:
-      raise IndexLoadError(f"{where}: dtype {info.dtype!r} / shard rows {sum(r for _, r in shards)}"
-                           f" inconsistent with num_blocks {info.num_blocks}")
+    if info.dtype not in embed_lib.DTYPES:
+      raise IndexLoadError(f"{where}: unknown embedding dtype {info.dtype!r}")
+    if sum(r for _, r in shards) != info.num_blocks:
+      raise IndexLoadError(f"{where}: the shards' rows add up to {sum(r for _, r in shards)}, not num_blocks "
+                           f"{info.num_blocks} (the row ranges do not cover the corpus)")
     missing = [p for p, _ in shards if p not in manifest.files]
     if missing:
       raise IndexLoadError(f"{where}: metadata names shards the manifest does not list: {missing}")
