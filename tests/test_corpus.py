@@ -283,6 +283,20 @@ def test_corrupt_or_missing_shards_are_refused(tmp_path, wiki_docs, vocab):
     CorpusReader(str(tmp_path / "elsewhere"))
 
 
+def test_a_model_that_cannot_read_the_corpus_is_named_with_the_corpus(tmp_path, wiki_docs, vocab):
+  docs = _write_jsonl(tmp_path / "docs.jsonl", _small_docs(wiki_docs, 1))
+  build_corpus([docs], str(tmp_path / "root"), tokenizer=vocab, block_len=64)
+  reader = CorpusReader(str(tmp_path / "root"))
+  n = reader.tokenizer().vocab_size
+  reader.check_model(n, 64)  # exactly the ids and the block length the model has: readable
+  manifest = re.escape(str(tmp_path / "root" / "corpus" / "manifest.json"))
+  with pytest.raises(CorpusError, match=rf"^{manifest}: the corpus tokenizer has {n} ids but the model's vocab_size "
+                     rf"is {n - 1}$"):
+    reader.check_model(n - 1, 64)
+  with pytest.raises(CorpusError, match=rf"^{manifest}: corpus blocks are up to 64 tokens, model.block_len is 32$"):
+    reader.check_model(n, 32)
+
+
 def test_existing_corpus_needs_overwrite_and_stale_shards_go(tmp_path, wiki_docs, vocab):
   docs = _write_jsonl(tmp_path / "docs.jsonl", _small_docs(wiki_docs, 3))
   few = _write_jsonl(tmp_path / "few.jsonl", _small_docs(wiki_docs, 1))

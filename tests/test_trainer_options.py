@@ -142,3 +142,14 @@ def test_minilm_init_loads_the_packaged_bert(corpus_root, tmp_path, layers):
   finally:
     trainer.loader.close()
     trainer.ckpt.close()
+
+
+def test_a_corpus_with_more_ids_than_the_model_is_refused_naming_it(corpus_root, tmp_path):
+  from realm_jax.data.corpus import CorpusError
+
+  root = _fresh_root(corpus_root, tmp_path, "small-vocab")
+  cfg = load_config("smoke", OVERRIDES + ["model.bert.vocab_size=1000"])
+  with pytest.raises(CorpusError, match=r"corpus/manifest\.json: the corpus tokenizer has \d+ ids but the model's "
+                     r"vocab_size is 1000$"):
+    Trainer(cfg, root, log_fn=QUIET)
+  assert not Storage.open(root).exists("checkpoints")  # refused before anything was written

@@ -117,6 +117,17 @@ class CorpusReader:
       files[name] = data
     return tokenizer_from_files(files)
 
+  def check_model(self, vocab_size: int, block_len: int, tok: Tokenizer | None = None) -> None:
+    """Raises CorpusError naming the corpus manifest if a model with `vocab_size` ids and blocks of
+    `block_len` tokens cannot read this corpus (its token ids would index past the embeddings)."""
+    tok = tok or self.tokenizer()
+    if tok.vocab_size > vocab_size:
+      raise CorpusError(f"{self._where}: the corpus tokenizer has {tok.vocab_size} ids but the model's vocab_size "
+                        f"is {vocab_size}")
+    if self.block_len > block_len:
+      raise CorpusError(f"{self._where}: corpus blocks are up to {self.block_len} tokens, model.block_len is "
+                        f"{block_len}")
+
   # -- whole files --------------------------------------------------------------------------------
 
   def _check_shard_index(self, i: int) -> dict:

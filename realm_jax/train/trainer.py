@@ -88,12 +88,7 @@ class Trainer(TrainLoop):
     # -- data ------------------------------------------------------------------------------------
     self.corpus = open_corpus(self.storage, cfg.corpus, cfg.corpus_prefix)
     self.tok = self.corpus.tokenizer()
-    if self.tok.vocab_size > cfg.model.bert.vocab_size:
-      raise ConfigError(f"the corpus tokenizer has {self.tok.vocab_size} tokens but the model's "
-                        f"vocab_size is {cfg.model.bert.vocab_size}")
-    if self.corpus.block_len > cfg.model.block_len:
-      raise ConfigError(f"corpus blocks are up to {self.corpus.block_len} tokens, "
-                        f"model.block_len is {cfg.model.block_len}")
+    self.corpus.check_model(cfg.model.bert.vocab_size, cfg.model.block_len, self.tok)
     # The declared slice and the memory estimate, before the model, the device corpus or an index.
     preflight.check_fits(cfg, jax.device_count(), self.corpus.num_blocks, log=self.log)
     self.same_corpus = cfg.query_corpus is None and (
