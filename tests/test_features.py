@@ -165,3 +165,16 @@ def test_sentencepiece_specials_are_used(blocks):
   assert out["input_ids"][0] == tok.cls_id == 2
   assert out["input_ids"][len(title) + 1] == tok.sep_id and out["input_ids"][n - 1] == tok.sep_id
   assert np.all(out["input_ids"][n:] == tok.pad_id)
+
+
+def test_reader_bodies_cut_from_stored_token_rows_equal_the_blocks_bodies(blocks, vocab):
+  """Evaluation and answering place the reader's body table from the stored document-tower rows;
+  it must be exactly the table built from whole blocks (their body ids, padded)."""
+  from realm_jax.openqa import features as qa_features
+  from realm_jax.openqa.loading import host_bodies
+
+  tok = load_tokenizer(vocab)
+  rows = features.blocks_doc_inputs(blocks, 288, tok)["input_ids"]
+  want = qa_features.body_table(blocks, 288, tok.pad_id)
+  assert len(blocks) > 3
+  np.testing.assert_array_equal(host_bodies(rows, tok.sep_id, tok.pad_id), want)

@@ -58,7 +58,7 @@ def setup(tmp_path_factory):
 
   hf_cfg = transformers.RealmConfig(**hfconv.hf_config_dict(CFG), num_block_records=n, searcher_beam_size=n)
   tokenizer = transformers.BertTokenizerFast(vocab_file=str(sources.minilm_dir() / "vocab.txt"))
-  records = np.array([b.text.encode() for b in tables.blocks], dtype=object)
+  records = np.array([b.text.encode() for b in tables.reader.iter_blocks()], dtype=object)
   torch.manual_seed(0)
   hf = transformers.RealmForOpenQA(hf_cfg, retriever=RecordingRetriever(records, tokenizer))
   g = torch.Generator().manual_seed(0)
@@ -143,7 +143,7 @@ def test_retrieval_span_logits_and_answers_match_hf(setup):
     offset = int(ours["offset"][i])
     assert int(ours["start"][i]) + offset == reader_out.start_pos.item()
     assert int(ours["end"][i]) + offset == reader_out.end_pos.item()
-    block = s["tables"].blocks[answered[i]["block_id"]]
+    block = s["tables"].block(answered[i]["block_id"])
     assert answered[i]["block_id"] == int(hf_ids[reader_out.block_idx.item()])
     span_ids = block.body_ids[answered[i]["span_tokens"][0]:answered[i]["span_tokens"][1] + 1]
     np.testing.assert_array_equal(span_ids, out.predicted_answer_ids.numpy())

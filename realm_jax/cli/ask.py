@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
   if not args.question.strip():
     raise QuestionError("the question is empty")
   setup = load_for_answering(args.storage, args.step, args.weights, args.index, role="ask")
-  answerer = Answerer(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index.embeddings,
+  answerer = Answerer(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index,
                       setup.mesh, candidates=max(20, 4 * args.top))
   answers = answerer.ask(args.question, args.top)
   console = Console()

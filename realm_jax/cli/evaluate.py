@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     raise ConfigError(f"--limit must be >= 1, got {args.limit}")
   sets = [(name, load_questions(name)[:args.limit]) for name in args.questions]  # fail fast on bad files
   setup = load_for_answering(args.storage, args.step, args.weights, args.index)
-  evaluator = ev.Evaluator(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index.embeddings,
+  evaluator = ev.Evaluator(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index,
                            setup.mesh, batch_size=args.batch_size)
   summaries = []
   for name, examples in sets:

@@ -31,10 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
   from realm_jax.cli.evaluate import print_summaries
   from realm_jax.data.qa import load_questions
-  from realm_jax.openqa import evaluate as ev
+  from realm_jax.openqa import evaluate as ev, loading
   from realm_jax.openqa.config import load_finetune_config
   from realm_jax.openqa.finetune import Finetuner
-  from realm_jax.retrieval import index as index_lib
 
   cfg = load_finetune_config(args.config, run_overrides(args) + list(args.set))
   tuner = Finetuner(cfg, args.storage, resume=args.resume, stop_after=args.stop_after, index_version=args.index)
@@ -42,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
   print(f"realm-jax finetune: finished at step {result.step} (index {result.index_version})")
   if cfg.eval_questions:
     examples = load_questions(cfg.eval_questions)
-    loaded = index_lib.load_index(tuner.storage, result.index_version, corpus=tuner.tables.reader)
-    evaluator = ev.Evaluator(tuner.model, cfg.model, tuner.tables, loaded.embeddings, tuner.mesh)
+    loaded = loading.load_index_rows(tuner.storage, result.index_version, tuner.tables, tuner.mesh)
+    evaluator = ev.Evaluator(tuner.model, cfg.model, tuner.tables, loaded, tuner.mesh)
     preds, summary = evaluator.evaluate(examples, cfg.eval_questions)
     if args.eval_out:
       ev.write_predictions(args.eval_out, preds)

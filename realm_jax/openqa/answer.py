@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 from flax import nnx
 
 from realm_jax.config import RealmConfig
@@ -33,7 +32,7 @@ class Answer:
 class Answerer:
   """Top answers for single questions, the reader beam read in one jitted call."""
 
-  def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings: np.ndarray,
+  def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings,
                mesh: jax.sharding.Mesh, candidates: int = 20):
     self.model, self.cfg, self.tables = model, cfg, tables
     if tables.num_blocks < cfg.reader_beam_size:
@@ -71,7 +70,7 @@ class Answerer:
       block_id = int(raw["ids"][0, rank])
       if block_id < 0:
         continue
-      block = self.tables.blocks[block_id]
+      block = self.tables.block(block_id)
       start, end = int(raw["start"][0, j]), int(raw["end"][0, j])
       text = features.span_text(block, start, end)
       key = normalize_answer(text)

@@ -66,7 +66,7 @@ def _predict(graphdef, beam: int, state, batch, corpus):
 class Evaluator:
   """Answers questions in batches sharded over the mesh `data` axis, against a frozen index."""
 
-  def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings: np.ndarray,
+  def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings,
                mesh: jax.sharding.Mesh, batch_size: int = 64, recall_ks: Sequence[int] = RECALL_KS):
     self.model, self.cfg, self.tables, self.mesh = model, cfg, tables, mesh
     data = mesh.shape["data"]
@@ -101,7 +101,7 @@ class Evaluator:
     raw = self._raw(examples)
     out = []
     for i, ex in enumerate(examples):
-      block = self.tables.blocks[int(raw["block_id"][i])]
+      block = self.tables.block(int(raw["block_id"][i]))
       start, end = int(raw["start"][i]), int(raw["end"][i])
       text = features.span_text(block, start, end)
       chars = [int(block.body_offsets[start, 0]), int(block.body_offsets[end, 1])] if text else None
@@ -119,7 +119,7 @@ class Evaluator:
     t0 = time.perf_counter()
     preds = self.answer(examples)
     seconds = time.perf_counter() - t0
-    score_records(examples, preds, lambda block_id: self.tables.blocks[block_id].text)
+    score_records(examples, preds, lambda block_id: self.tables.block(block_id).text)
     return preds, summarize(name, preds, [k for k in self.recall_ks if k <= self.beam], seconds)
 
 

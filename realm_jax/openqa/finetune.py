@@ -113,7 +113,7 @@ class Finetuner(TrainLoop):
     if self.beam < cfg.model.reader_beam_size:
       raise ConfigError(f"the corpus has {self.tables.num_blocks} blocks, fewer than reader_beam_size "
                         f"{cfg.model.reader_beam_size}")
-    self.corpus = loading.reader_corpus(self.tables, loaded.embeddings, cfg.model, self.mesh)
+    self.corpus = loading.reader_corpus(self.tables, loaded, cfg.model, self.mesh)
     self.log(f"index {loaded.version}: {loaded.info.num_blocks} blocks frozen; retriever beam {self.beam}, "
              f"reader beam {cfg.model.reader_beam_size}")
     self.model.train()

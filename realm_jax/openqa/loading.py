@@ -15,11 +15,11 @@ from realm_jax import parallel, weights
 from realm_jax.config import RealmConfig
 from realm_jax.convert import hf as hfconv
 from realm_jax.data.corpus import CorpusReader, open_corpus
-from realm_jax.errors import ConfigError, RealmError
+from realm_jax.errors import RealmError
 from realm_jax.models import KnowledgeAugEncoder, OpenQAModel
 from realm_jax.openqa import features
-from realm_jax.openqa.step import ReaderCorpus, place_reader_corpus
-from realm_jax.retrieval import index as index_lib
+from realm_jax.openqa.step import ReaderCorpus
+from realm_jax.retrieval import index as index_lib, mips
 from realm_jax.storage import Storage
 from realm_jax.train.checkpoints import Checkpoints
 
@@ -139,34 +139,35 @@ def load_finetuned(storage_uri: str, step: int | None = None, weights_uri: str |
 
 @dataclasses.dataclass
 class CorpusTables:
-  """The corpus in host memory: blocks (texts, offsets) and the tokenizer it was built with."""
+  """The corpus, read by random access (no block is held in memory up front): its reader and the
+  tokenizer it was built with. A block's text is read (one shard, cached) when an answer needs it."""
 
   reader: CorpusReader
-  blocks: list
   tok: object
 
   @property
   def num_blocks(self) -> int:
-    return len(self.blocks)
+    return self.reader.num_blocks
+
+  def block(self, block_id: int):
+    """One block, with its text and offsets."""
+    return self.reader.get_blocks([block_id])[0]
 
 
 def load_corpus(storage: Storage, prefix: str, cfg: RealmConfig, uri: str | None = None) -> CorpusTables:
-  """The corpus at `uri` (its own location), else at `prefix` under `storage`, read into host memory
-  and checked against the model's vocabulary and block length."""
+  """The corpus at `uri` (its own location), else at `prefix` under `storage`, opened for random
+  access and checked against the model's vocabulary and block length."""
   corpus = open_corpus(storage, uri, prefix)
   tok = corpus.tokenizer()
-  if tok.vocab_size > cfg.bert.vocab_size:
-    raise ConfigError(f"the corpus tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                      f"{cfg.bert.vocab_size}")
-  if corpus.block_len > cfg.block_len:
-    raise ConfigError(f"corpus blocks are up to {corpus.block_len} tokens, model.block_len is {cfg.block_len}")
-  return CorpusTables(corpus, list(corpus.iter_blocks()), tok)
+  corpus.check_model(cfg.bert.vocab_size, cfg.block_len, tok)
+  return CorpusTables(corpus, tok)
 
 
 def ensure_index(storage: Storage, model: OpenQAModel, tables: CorpusTables, cfg: RealmConfig, mesh,
-                 version: str | None, log: Callable[[str], None]) -> index_lib.LoadedIndex:
+                 version: str | None, log: Callable[[str], None]) -> index_lib.IndexRows:
   """The index to retrieve from: `version` if given, else LATEST, else built now from the model's
-  document tower and published (the document embeddings stay frozen from then on).
+  document tower and published (the document embeddings stay frozen from then on). Each process
+  reads only its devices' rows of it (`load_index_rows`).
 
   Every process calls it. With several, process 0's view decides whether to build; then every
   process embeds its own run of corpus shards on its own devices (a computation over the global
@@ -182,18 +183,43 @@ def ensure_index(storage: Storage, model: OpenQAModel, tables: CorpusTables, cfg
     info = index_lib.build_and_publish_index(storage, embedder, tables.reader, cfg, step=0, mesh=local)
     if parallel.is_chief():
       log(f"published index {info.version} ({info.num_blocks} blocks)")
-  loaded = index_lib.load_index(storage, version, corpus=tables.reader)
+  loaded = load_index_rows(storage, version, tables, mesh)
   if loaded.info.dim != cfg.retriever_dim:
     raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model "
                           f"retrieves with {cfg.retriever_dim}-d queries")
   return loaded
 
 
-def reader_corpus(tables: CorpusTables, embeddings: np.ndarray, cfg: RealmConfig, mesh) -> ReaderCorpus:
-  """Places the frozen embeddings and the body tokens on the mesh."""
-  bodies = features.body_table(tables.blocks, tables.reader.block_len, tables.tok.pad_id)
-  cont = features.continuation_table(tables.tok, cfg.bert.vocab_size)
-  return place_reader_corpus(embeddings, bodies, cont, mesh, tables.tok)
+def load_index_rows(storage: Storage, version: str | None, tables: CorpusTables, mesh) -> index_lib.IndexRows:
+  """The rows of an index version (LATEST by default) that this process's devices of `mesh` hold."""
+  ranges = mips.local_row_ranges(tables.num_blocks, mesh)
+  return index_lib.load_index_rows(storage, ranges, version, corpus=tables.reader)
+
+
+def host_bodies(doc: np.ndarray, sep_id: int, pad_id: int) -> np.ndarray:
+  """int32 body ids (pad after the body) from `[CLS] title [SEP] body [SEP]` token rows: what
+  `features.body_table` gives from whole blocks, cut from the stored rows instead."""
+  doc = np.asarray(doc, np.int32)
+  length = doc.shape[1]
+  src = np.arange(length)[None, :] + np.argmax(doc == sep_id, axis=1)[:, None] + 1
+  body = np.where(src < length, np.take_along_axis(doc, np.clip(src, 0, length - 1), axis=1), pad_id)
+  return np.where(body == sep_id, pad_id, body).astype(np.int32)
+
+
+def reader_corpus(tables: CorpusTables, index, cfg: RealmConfig, mesh) -> ReaderCorpus:
+  """Places the frozen embeddings (an index's rows read for `mesh`, or a host matrix) and the body
+  tokens on the mesh; each process reads only its devices' token rows."""
+  tok, reader = tables.tok, tables.reader
+  if hasattr(index, "to_mesh"):
+    embeddings = index.to_mesh(mesh)
+  else:
+    embeddings = mips.shard_rows(np.asarray(index, np.float32), mesh)
+  bodies = mips.place_rows(reader.num_blocks, reader.block_len,
+                           lambda a, b: host_bodies(reader.token_rows(a, b), tok.sep_id, tok.pad_id), mesh,
+                           dtype=np.int32)
+  cont = features.continuation_table(tok, cfg.bert.vocab_size)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return ReaderCorpus(embeddings, bodies, jax.device_put(cont, replicated), int(tok.pad_id), int(tok.sep_id))
 
 
 @dataclasses.dataclass
@@ -202,7 +228,7 @@ class AnsweringSetup:
 
   finetuned: Finetuned
   tables: CorpusTables
-  index: index_lib.LoadedIndex
+  index: index_lib.IndexRows  # this process's rows (all of them: answering is one process)
   mesh: object
 
 
@@ -221,8 +247,9 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
   if version is None and index_lib.latest_index_info(storage) is None:
     raise OpenQALoadError(f"{storage.uri(index_lib.PREFIX)}: no index published; fine-tune there first or "
                           "publish one with `realm-jax refresh`")
-  loaded = index_lib.load_index(storage, version, corpus=tables.reader)
+  mesh = parallel.make_mesh()
+  loaded = load_index_rows(storage, version, tables, mesh)
   if loaded.info.dim != finetuned.config.retriever_dim:
     raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model retrieves with "
                           f"{finetuned.config.retriever_dim}-d queries")
-  return AnsweringSetup(finetuned, tables, loaded, parallel.make_mesh())
+  return AnsweringSetup(finetuned, tables, loaded, mesh)
