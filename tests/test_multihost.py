@@ -145,3 +145,40 @@ def test_each_process_reads_only_its_rows_at_start_and_at_a_swap(tmp_path):
       assert {k.split("-")[-1].split(".")[0] for k in emb} == own_shards, emb
       whole = sum(storage.stat(f"index/{version}/embeddings/emb-{s:05d}.npy").size for s in range(8))
       assert sum(emb.values()) <= 0.5 * whole, (sum(emb.values()), whole)  # its rows' files, each read once
+
+
+_REFRESH = textwrap.dedent("""
+    from realm_jax.refresh.refresher import Refresher, RefreshOptions
+    r = Refresher(ROOT, RefreshOptions(max_versions=1, poll_seconds=0.1, embed_batch_size=8), log_fn=lambda m: None)
+    print("PUBLISHED", [i.version for i in r.run().published])
+""")
+
+
+def test_a_two_process_refresher_publishes_the_embeddings_of_one(corpus_seed, tmp_path):
+  """The refresher as 2 processes x 2 devices: each embeds and uploads its half of the corpus
+  shards and a ScaNN partition, process 0 publishes; the version holds the embeddings a
+  one-process refresher publishes from the same checkpoint, and its searcher finds the same rows."""
+  from realm_jax.retrieval import index as index_lib
+  from realm_jax.train.config import load_config
+  from tests.test_refresh_e2e import root_with_corpus
+  from tests.test_refresh_faults import _write_checkpoint
+
+  cfg = load_config("smoke", [])
+  loaded = {}
+  for name, processes, devices in [("multi", 2, 2), ("single", 1, 4)]:
+    root = root_with_corpus(corpus_seed, str(tmp_path / name))
+    _write_checkpoint(root, cfg, 3, seed=7)
+    outs = run_processes(f"ROOT = {root!r}\n" + _REFRESH, num_processes=processes, devices_per_process=devices)
+    assert all("PUBLISHED ['000000000003-" in out for out in outs), outs
+    loaded[name] = index_lib.load_index(Storage.open(root))
+  multi, single = loaded["multi"], loaded["single"]
+  assert len(multi.info.scann_parts) == 2 and len(single.info.scann_parts) == 1
+  assert [p["first_row"] for p in multi.info.scann_parts] == [0, 8]  # corpus shards 0-1 and 2-3 (4 rows each)
+  # The same jitted tower on the same rows; only the device batch split differs (2 vs 4 devices
+  # of one process), which XLA:CPU computes row by row: equal to float32 rounding.
+  np.testing.assert_allclose(multi.embeddings, single.embeddings, rtol=0, atol=1e-6)
+  queries = single.embeddings[:4] + 0.01
+  got = multi.load_searcher().search(queries, 3)
+  want = single.load_searcher().search(queries, 3)
+  np.testing.assert_array_equal(got.ids[:, 0], np.arange(4))  # each query's own block first
+  np.testing.assert_array_equal(want.ids[:, 0], np.arange(4))

@@ -135,7 +135,8 @@ class Refresher:
     self.corpus = open_corpus(self.storage, cfg.corpus, cfg.corpus_prefix)
     self.keep = self.options.keep or cfg.keep_index_versions
     self.model = _RetrieverOnly(cfg.model, rngs=nnx.Rngs(0))
-    nnx.update(self.model, jax.device_put(nnx.state(self.model), self.sharding))
+    state = nnx.state(self.model)
+    nnx.update(self.model, parallel.place_state(state, jax.tree.map(lambda _: self.sharding, state)))
     self.local = parallel.local_copy(self.model)
     # One embed fn for the whole run: it reads the (restored in place) weights at each call, so
     # the jit compilation is paid once, not once per version.
@@ -234,6 +235,18 @@ class Refresher:
     conflicts: list[int] = []
     waiting_since = None
     while True:
+      if self.cfg is None and jax.process_count() > 1:
+        # Reading the trainer's config restores a checkpoint item: every process together, from
+        # the newest step process 0 sees (next_step would configure on process 0 alone).
+        newest = None
+        if jax.process_index() == 0:
+          forget_gcs_listings()
+          self.ckpt.reload()
+          steps = self.ckpt.all_steps()
+          newest = str(max(steps)) if steps else None
+        newest = parallel.agree(newest)  # a string (or None) for every process
+        if newest is not None:
+          self._configure(int(newest))
       decision = None  # process 0 decides for everyone: "done", "max", "wait" or a step
       if jax.process_index() == 0:
         if self.done():
