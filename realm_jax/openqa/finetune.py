@@ -72,6 +72,8 @@ class Finetuner(TrainLoop):
   `<root>/index`, checkpoints and metrics next to them). `run()` trains; `stop_after` ends early.
   `log_fn` also receives every log line (the lines always go to the `realm_jax.finetune` logger)."""
 
+  kind = "openqa"
+
   def __init__(self, cfg: FinetuneConfig, storage: Storage | str, *, resume: bool = False,
                log_fn: Callable[[str], None] | None = None, stop_after: int | None = None,
                questions: list[QAExample] | None = None, index_version: str | None = None,

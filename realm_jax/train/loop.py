@@ -22,10 +22,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from realm_jax import layout, parallel
+from realm_jax.config import RealmConfig
 from realm_jax.errors import RealmError
 from realm_jax.logs import RunLog
 from realm_jax.storage import Storage
-from realm_jax.train.checkpoints import Checkpoints
+from realm_jax.train.checkpoints import CheckpointError, Checkpoints, CorruptCheckpoint
+from realm_jax.train.config import flat_fields
 from realm_jax.train.metrics import MetricsWriter, progress_line
 
 
@@ -65,23 +67,60 @@ class TrainLoop:
     nnx.update((model, optimizer), parallel.place_state(state, self.state_sharding))
 
   def _resume(self, resume: bool, check_meta: Callable[[int, dict], None] | None = None) -> dict | None:
-    """Opens `checkpoints/`; with `resume`, restores the newest finalized step in place and returns
-    its data state (None when starting fresh). Without `resume`, existing checkpoints are refused."""
+    """Opens `checkpoints/`; with `resume`, removes unfinished writes a killed save left, verifies the
+    newest finalized step against its manifest and that it is a checkpoint of this kind of run and
+    model, restores it in place and returns its data state (None when starting fresh). Without
+    `resume`, existing checkpoints are refused."""
     cfg = self.cfg
     self.ckpt = Checkpoints(self.storage.uri(layout.CHECKPOINTS), keep=cfg.keep_checkpoints,
                             async_save=cfg.async_checkpointing)
     latest = self.ckpt.step_to_resume(resume)
+    if resume and self.is_chief:
+      self.ckpt.remove_leftovers(self.log)
+    parallel.barrier(f"realm-jax-{self.log.logger.name}-leftovers-removed")
     if latest is None:
       if resume:
         self.log("no checkpoint to resume from: starting at step 0")
       return None
+    try:
+      self.ckpt.verify(latest)
+    except CorruptCheckpoint as e:
+      older = [s for s in self.ckpt.all_steps() if s < latest]
+      hint = (f"; the checkpoint before it is step {max(older)}: move {self.ckpt.directory}/{latest} aside to "
+              "resume from that one" if older else "; no older checkpoint is left")
+      raise CorruptCheckpoint(f"{e} (checkpoint step {latest} is damaged{hint})") from None
+    meta = self.ckpt.read_meta(latest)
+    self._check_resumed(latest, meta)
     if check_meta is not None:
-      check_meta(latest, self.ckpt.read_meta(latest))
+      check_meta(latest, meta)
     data_state, meta = self.ckpt.restore(latest, self.model, self.optimizer)
     self.step = int(meta["step"])
     self.resumed_meta = meta
     self.log(f"resumed from checkpoint step {self.step}")
     return data_state
+
+  kind = "realm"  # what `meta["kind"]` says of this loop's checkpoints (the trainer: its task)
+
+  def _check_resumed(self, step: int, meta: dict) -> None:
+    """Refuses a checkpoint of another kind of run (ICT, REALM, Open-QA) or of another model."""
+    where = f"{self.ckpt.directory}/{step}"
+    stored = meta.get("config") or {}
+    theirs = meta.get("kind") or stored.get("task")
+    if theirs != self.kind:
+      commands = {"realm": "realm-jax pretrain", "ict": "realm-jax ict", "openqa": "realm-jax finetune"}
+      raise CheckpointError(f"{where} is a checkpoint of a {theirs!r} run ({commands.get(theirs, '?')}), this is "
+                            f"a {self.kind!r} run: resume it with {commands.get(theirs, 'that command')} or use a "
+                            "fresh storage root")
+    try:
+      model = RealmConfig.from_dict(stored["model"])
+    except (KeyError, TypeError, RealmError) as e:
+      raise CheckpointError(f"{where}: the checkpoint's stored model config is unreadable ({e})") from None
+    if model.fingerprint() != self.cfg.model.fingerprint():
+      ours, old = flat_fields(self.cfg.model), flat_fields(model)
+      diff = [f"model.{k}={old.get(k)!r} there, {v!r} here" for k, v in ours.items() if old.get(k) != v]
+      raise CheckpointError(f"{where} was written by model {model.fingerprint()}, this run's is "
+                            f"{self.cfg.model.fingerprint()} ({'; '.join(diff[:4])}): resume with the same model "
+                            "config or use a fresh storage root")
 
   def _compile(self, step_fn: Callable, **static: Any) -> None:
     """`step_fn(graphdef, state, *inputs, **static)` jitted: the state donated, its shardings kept."""

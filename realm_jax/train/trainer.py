@@ -118,6 +118,11 @@ class Trainer(TrainLoop):
     self._embed_queries = jax.jit(
         lambda state, *features: nnx.merge(eval_graphdef, state).retriever.embed_queries(*features))
 
+  @property
+  def kind(self) -> str:
+    """The task of this run (`realm` or `ict`): a checkpoint of the other task is refused."""
+    return self.cfg.task
+
   # -- index ---------------------------------------------------------------------------------------
   def _publish_index(self) -> None:
     """Embeds the corpus with the current document tower and publishes it (bootstrap / sync).
@@ -222,7 +227,7 @@ class Trainer(TrainLoop):
                      rate_name="examples_per_second", extra=self._extra_scalars, shown=shown)
         # orbax writes JSON items from process 0 only: every process's input position is gathered.
         self._checkpoint(writer, end, lambda: {"processes": parallel.gather_json(self.loader.get_state())},
-                         {"index_version": self.active.info.version if self.active else None})
+                         {"kind": cfg.task, "index_version": self.active.info.version if self.active else None})
     finally:
       if self.watcher is not None:
         self.watcher.stop()
