@@ -43,6 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+URI_ARGS = ("storage", "out", "data_dir", "weights", "path", "checkpoint", "eval_out", "workdir")
+
+
+def check_uris(args: argparse.Namespace) -> None:
+  """Refuses `memory://` roots: an in-process store (for tests of the library) whose data would
+  vanish when the command exits."""
+  for name in URI_ARGS:
+    values = getattr(args, name, None)
+    for value in values if isinstance(values, list) else [values]:
+      if isinstance(value, str) and value.startswith("memory://"):
+        raise RealmError(f"--{name.replace('_', '-')} {value}: memory:// is an in-process store for tests of "
+                         "the library; its data vanishes when the command exits. Use a directory or gs://")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs one sub-command; a RealmError becomes one line `realm-jax <cmd>: error: ...` and exit 2."""
   parser = build_parser()
@@ -52,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   logs.configure(getattr(args, "log_level", "info"))
   try:
+    check_uris(args)
     return int(args.func(args) or 0)
   except RealmError as e:
     print(f"realm-jax {args.command}: error: {e}", file=sys.stderr)

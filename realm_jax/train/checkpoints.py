@@ -120,6 +120,10 @@ class Checkpoints:
     names the first missing or damaged file."""
     sealing.verify(self.storage, step, items)
 
+  def items(self, step: int) -> set[str]:
+    """The items (`retriever`, `encoder`, `reader`, `meta`, ...) step `step`'s manifest lists."""
+    return {rel.split("/", 1)[0] for rel in sealing.read_manifest(self.storage, step)["files"]}
+
   def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_state: dict,
            meta: dict, force: bool = False) -> bool:
     items = {p: ocp.args.StandardSave(weights.part_state(model, p)) for p in weights.parts_of(model)}
