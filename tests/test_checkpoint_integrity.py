@@ -131,3 +131,15 @@ def test_the_refresher_refuses_a_damaged_retriever_and_takes_the_next_step(root)
   assert [i.step for i in result.published] == [2]
   refused = [line for line in lines if "refused checkpoint step 4" in line]
   assert refused and str(bad) in refused[0] and "damaged" in refused[0], lines
+
+
+def test_resuming_after_the_corpus_was_rebuilt_names_the_corpus_and_both_counts(root, tmp_path, capsys):
+  docs = tmp_path / "more.jsonl"
+  docs.write_text("".join(json.dumps({"title": f"T{i}", "text": f"Person {i} was born in Paris in 1950."}) + "\n"
+                          for i in range(40)))
+  assert main(["corpus", "build", "--input", str(docs), "--storage", str(root), "--block-len", "64",
+               "--overwrite", "--quiet"]) == 0
+  capsys.readouterr()
+  assert _pretrain(str(root), "--resume", "--stop-after", "1") == 2
+  line = _one_line_error(capsys)
+  assert str(root / "corpus") in line and "16 blocks" in line and "40 blocks" in line, line

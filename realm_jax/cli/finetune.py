@@ -31,11 +31,14 @@ def run(args: argparse.Namespace) -> int:
   from realm_jax.cli.evaluate import print_summaries
   from realm_jax.cli.outputs import check_output
   from realm_jax.data.qa import load_questions
+  from realm_jax.errors import ConfigError
   from realm_jax.openqa import evaluate as ev
   from realm_jax.openqa.config import load_finetune_config
   from realm_jax.openqa.finetune import Finetuner
   from realm_jax.retrieval import index as index_lib
 
+  if args.stop_after is not None and args.stop_after < 1:
+    raise ConfigError(f"--stop-after must be >= 1 (steps to run now), got {args.stop_after}")
   cfg = load_finetune_config(args.config, args.set)
   if args.eval_out:
     inputs = [q for q in (cfg.train_questions, cfg.eval_questions) if q]

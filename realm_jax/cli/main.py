@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from realm_jax import logs
@@ -67,14 +68,31 @@ def main(argv: list[str] | None = None) -> int:
   logs.configure(getattr(args, "log_level", "info"))
   try:
     check_uris(args)
+    if os.environ.get("STORAGE_EMULATOR_HOST"):  # the CLI's way to an emulator: this one variable
+      from realm_jax.storage import use_emulator
+      use_emulator(os.environ["STORAGE_EMULATOR_HOST"])
     return int(args.func(args) or 0)
   except RealmError as e:
     print(f"realm-jax {args.command}: error: {e}", file=sys.stderr)
-    return 2
+    return _leave(2, argv is None)
   except KeyboardInterrupt:
     print(f"realm-jax {args.command}: interrupted", file=sys.stderr)
-    return 130
+    return _leave(130, argv is None)
 
+
+def _leave(code: int, command: bool) -> int:
+  """`code`, or for the command itself (not a caller in Python) an immediate exit with `code`: the
+  command has finished its own clean-up (its `finally` blocks closed checkpoints and metrics), and
+  interpreter finalisation with native threads still running (XLA, grain, tensorstore callbacks of
+  a failed checkpoint write) can print a hundred tracebacks or segfault after the error line."""
+  if command:
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
 
 if __name__ == "__main__":
   sys.exit(main())

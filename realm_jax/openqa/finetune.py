@@ -131,7 +131,7 @@ class Finetuner(TrainLoop):
                                       max_answer_tokens=cfg.max_answer_tokens)
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
-  def run(self) -> FinetuneResult:
+  def _run(self) -> FinetuneResult:
     """Fine-tunes to `num_train_steps` (or `stop_after` more steps), then leaves the model in eval mode."""
     cfg = self.cfg
     writer = MetricsWriter(self.storage, "finetune", enabled=self.is_chief)

@@ -10,6 +10,8 @@ each restore verifies first: a damaged or deleted file stops the restore with on
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 import jax
@@ -29,6 +31,24 @@ def _short(e: BaseException) -> str:
   """The first line of an exception from orbax / tensorstore (theirs can run to 150 lines)."""
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+_TS_PATH = re.compile(r'(?:Failed writing|Failed reading|local file): "([^"]+)"')
+_TS_OS_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+def _os_reason(e: BaseException) -> tuple[str | None, str]:
+  """(path, reason) of a failure: an OSError's file and strerror, or the file and OS error code
+  that tensorstore puts inside its message ('Failed writing: "PATH": ... [os_error_code=27]');
+  else (None, the first line)."""
+  if isinstance(e, OSError) and e.strerror:
+    return getattr(e, "filename", None), e.strerror
+  text = str(e)
+  code = _TS_OS_CODE.search(text)
+  if code:
+    paths = _TS_PATH.findall(text)
+    return (paths[-1] if paths else None), os.strerror(int(code.group(1)))
+  return None, _short(e)
 
 
 def _abstract(tree: Any) -> Any:
@@ -64,6 +84,7 @@ class Checkpoints:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
     self.directory = directory.rstrip("/")
+    self._pending: int | None = None  # the step of the last save, until it is known finished
     self.storage = Storage.open(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=not read_only, read_only=read_only,
@@ -131,18 +152,22 @@ class Checkpoints:
     items["rng"] = ocp.args.StandardSave(rng_arrays(model))
     items["data"] = ocp.args.JsonSave(data_state)
     items["meta"] = ocp.args.JsonSave({"step": step, **meta})
+    self.wait()  # the previous (asynchronous) save's failure is reported as that step's
     try:
-      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # orbax/tensorstore failures (disk full, ...) as one line
-      raise self._failed(f"saving step {step}", e) from None
+      raise self._failed(f"saving checkpoint step {step}", e) from None
+    if saved:
+      self._pending = step
+    return saved
 
   def _failed(self, what: str, e: BaseException) -> CheckpointError:
     if isinstance(e, CheckpointError):
       return e
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else _short(e)
-    where = getattr(e, "filename", None) or self.directory
-    return CheckpointError(f"{where}: {what} failed ({reason}); the newest complete checkpoint is step "
-                           f"{self._latest_quietly()}")
+    path, reason = _os_reason(e)
+    latest = self._latest_quietly()
+    newest = "no checkpoint is complete yet" if latest is None else f"the newest complete checkpoint is step {latest}"
+    return CheckpointError(f"{path or self.directory}: {what} failed ({reason}); {newest}")
 
   def _latest_quietly(self) -> int | None:
     try:
@@ -195,10 +220,12 @@ class Checkpoints:
     return out["meta"]
 
   def wait(self) -> None:
+    pending, self._pending = self._pending, None
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # an async save that failed in the background
-      raise self._failed("writing a checkpoint", e) from None
+      what = "writing a checkpoint" if pending is None else f"writing checkpoint step {pending}"
+      raise self._failed(what, e) from None
 
   def close(self) -> None:
     self.wait()

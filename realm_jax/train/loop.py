@@ -4,7 +4,8 @@ jitted step, metrics and progress lines, and the non-finite check.
 
 `TrainLoop` is their base class. A subclass builds its data and model, calls `_place` and `_resume`,
 then `_compile(step_fn, ...)` with its module-level step (`train/realm_step.train_step`,
-`openqa/step.train_step`); its `run()` feeds batches to `_step` and calls `_report` and
+`openqa/step.train_step`); its `_run()` (called by `run()`, which takes Ctrl-C only between two
+steps: `realm_jax/interrupts.py`) feeds batches to `_step` and calls `_report` and
 `_checkpoint`, which checks that every loss and gradient norm since the last check is finite before
 anything is saved: a NaN stops the run with `NonFiniteLoss` and the last good checkpoint stays the
 newest one.
@@ -21,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from realm_jax import layout, parallel
+from realm_jax import interrupts, layout, parallel
 from realm_jax.config import RealmConfig
 from realm_jax.errors import RealmError
 from realm_jax.logs import RunLog
@@ -128,8 +129,17 @@ class TrainLoop:
     self._train_step = jax.jit(functools.partial(step_fn, graphdef, **static), donate_argnums=0,
                                out_shardings=(self.state_sharding, None))
 
+  def run(self) -> Any:
+    """Trains (the subclass's `_run`); Ctrl-C stops it before the next step, never inside JAX."""
+    with interrupts.deferred():
+      return self._run()
+
+  def _run(self) -> Any:
+    raise NotImplementedError
+
   def _step(self, *inputs: Any, end: int) -> dict[str, jax.Array]:
     """One jitted step on the current state; returns its (device) metrics."""
+    interrupts.check()
     state = nnx.state((self.model, self.optimizer))
     if jax.process_count() > 1 and not hasattr(self._train_step, "as_text"):
       # Compile ahead, then meet: processes enter the first collective together.

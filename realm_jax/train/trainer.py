@@ -97,7 +97,15 @@ class Trainer(TrainLoop):
       if len(per_process) != jax.process_count():
         raise ConfigError(f"checkpoint step {self.step} was written by {len(per_process)} processes; resume it "
                           f"with the same number (this run has {jax.process_count()})")
-      self.loader.set_state(per_process[jax.process_index()])
+      state = per_process[jax.process_index()]
+      saved = {s.get("config", {}).get("num_records") for s in state.get("shards", [])}
+      if saved and saved != {len(queries)}:
+        prefix = cfg.corpus_prefix if self.same_corpus else cfg.query_corpus_prefix
+        raise ConfigError(f"{self.storage.uri(prefix)}: the corpus holds {len(queries)} blocks now, checkpoint step "
+                          f"{self.step} was trained on one of {', '.join(map(str, sorted(saved)))} blocks (it was "
+                          "rebuilt since): resume with the corpus it was trained on, or start a new run on a fresh "
+                          "storage root")
+      self.loader.set_state(state)
     if self.write_done and self.is_chief and self.storage.exists(layout.TRAINING_DONE):
       self.storage.delete(layout.TRAINING_DONE)
 
@@ -206,7 +214,7 @@ class Trainer(TrainLoop):
       out["index_staleness"] = float(self.step - self.active.info.step)
     return out
 
-  def run(self) -> TrainResult:
+  def _run(self) -> TrainResult:
     """Trains to `num_train_steps` (or `stop_after` more steps); see the module docstring."""
     cfg = self.cfg
     writer = MetricsWriter(self.storage, cfg.task, enabled=self.is_chief)
