@@ -90,7 +90,7 @@ def check_emulator_environment() -> None:
 def probe_bucket(bucket: str) -> None:
   """One HTTP request for the bucket's metadata, with a 5 s timeout, before any client library
   (which would retry for a minute, then print a DNS or connection traceback): StorageError naming
-  the bucket and the endpoint when it cannot be reached, or when the bucket does not exist."""
+  the bucket and the endpoint when it cannot be reached."""
   import urllib.error
   import urllib.parse
   import urllib.request
@@ -105,10 +105,8 @@ def probe_bucket(bucket: str) -> None:
   try:
     with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
       pass
-  except urllib.error.HTTPError as e:  # the server answered: reachable
-    if e.code == 404:
-      where = f"the GCS emulator at {endpoint}" if emulator else "Google Cloud Storage"
-      raise StorageError(f"gs://{bucket}: no such bucket on {where}") from None
+  except urllib.error.HTTPError:  # the server answered (401/403 without credentials here, 404 for a
+    pass  # bucket not made yet): reachable; what the clients then meet is theirs to report
   except (urllib.error.URLError, OSError) as e:
     reason = getattr(e, "reason", e)
     if emulator:
