@@ -8,6 +8,7 @@
   index-work/          embeddings a refresher staged; a restart at the same step resumes them
   metrics/             TensorBoard events and `<name>.jsonl` rows of each run
   TRAINING_DONE        written by the trainer when it finishes; the refresher exits when it appears
+  logs/<job>/worker-<W>.log  each TPU worker's log, copied there periodically (`realm-jax ship-log`)
 """
 
 CORPUS = "corpus"
@@ -16,3 +17,4 @@ INDEX = "index"
 INDEX_WORK = "index-work"
 METRICS = "metrics"
 TRAINING_DONE = "TRAINING_DONE"
+LOGS = "logs"

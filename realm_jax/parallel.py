@@ -14,7 +14,9 @@ Parameters follow the config's `param_sharding` rules (`rules.py`): replicated, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -33,17 +35,75 @@ from realm_jax.errors import ConfigError
 # ------------------------------------------------------------------------------------------------
 
 
-def initialize_distributed() -> None:
-  """Joins a multi-process JAX job when the environment describes one (TPU pod or explicit)."""
-  if jax.distributed.is_initialized():
-    return
-  if "JAX_COORDINATOR_ADDRESS" in os.environ:
-    jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
-    jax.distributed.initialize()
+@dataclasses.dataclass(frozen=True)
+class Environment:
+  """The multi-process job this process belongs to, as JAX's cluster detection sees it."""
+
+  name: str  # "explicit" (JAX_COORDINATOR_ADDRESS) or JAX's cluster name: gcetpu, gketpu, slurm, ...
+  processes: int | None  # None: JAX fills it in (explicit address without JAX_NUM_PROCESSES)
+
+
+_ONE_PROCESS = {"refresh": "the refresher", "evaluate": "evaluation", "ask": "answering", "demo": "the demo"}
+_CLUSTER_NAMES = {"gcetpu": "Cloud TPU VM metadata", "gketpu": "GKE TPU (TPU_WORKER_HOSTNAMES)",
+                  "slurm": "SLURM", "ompi": "Open MPI", "K8sCluster": "Kubernetes"}
+
+
+def distributed_environment() -> Environment | None:
+  """The multi-process job described by this process's environment, or None on a plain single host.
+
+  `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`) names one explicitly;
+  otherwise JAX's own cluster detection decides (the order `jax.distributed.initialize()` tries:
+  Open MPI, SLURM, GKE TPU, Cloud TPU VM metadata, Kubernetes; docs/DESIGN.md §7). A detected
+  cluster of one process (a single-host TPU VM, a one-task SLURM job) is a single host."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    count = os.environ.get("JAX_NUM_PROCESSES")
+    return Environment("explicit", int(count) if count else None)
+  # jax 0.10 exposes no public "which cluster am I in"; these are the classes initialize() uses.
+  from jax._src import clusters
+  for env in clusters.ClusterEnv._cluster_types:
+    if env.opt_in_only_method or not env.is_env_present():
+      continue
+    processes = env.get_process_count()
+    return Environment(getattr(env, "name", "") or env.__name__, processes) if processes > 1 else None
+  return None
+
+
+def describe(env: Environment) -> str:
+  """`a 4-process job (Cloud TPU VM metadata)`: for log lines and errors."""
+  size = f"{env.processes}-process" if env.processes else "multi-process"
+  how = _CLUSTER_NAMES.get(env.name, "JAX_COORDINATOR_ADDRESS" if env.name == "explicit" else env.name)
+  return f"a {size} job ({how})"
+
+
+def initialize_distributed(role: str = "train", multi_process: bool = True) -> Environment | None:
+  """Joins the multi-process JAX job this process belongs to, once, before JAX touches a device.
+
+  Every role calls it first. On a Cloud TPU pod slice, GKE, SLURM or an explicit
+  `JAX_COORDINATOR_ADDRESS` it calls `jax.distributed.initialize()` (orbax's async checkpointer
+  and our barriers need its client); on a plain single host it does nothing. A role that runs as
+  one process (`multi_process=False`: the refresher, evaluation) refuses a multi-process job."""
+  env = distributed_environment()
+  if env is None or jax.distributed.is_initialized():
+    return env
+  if not multi_process:
+    raise ConfigError(f"{_ONE_PROCESS.get(role, role)} runs as one process, but this machine is one of "
+                      f"{describe(env)}: run it on a single-host VM or slice (e.g. v4-8, v5litepod-8)")
+  if env.name == "explicit":
+    missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not os.environ.get(v)]
+    args = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+            "num_processes": None if missing else int(os.environ["JAX_NUM_PROCESSES"]),
+            "process_id": None if missing else int(os.environ["JAX_PROCESS_ID"])}
+  else:
+    missing, args = [], {}  # JAX's detection fills in everything, as for a bare initialize()
+  try:
+    jax.distributed.initialize(**args)
+  except (ValueError, RuntimeError) as e:
+    hint = f" (set {' and '.join(missing)} next to JAX_COORDINATOR_ADDRESS)" if missing else ""
+    raise ConfigError(f"joining {describe(env)} failed{hint}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+  logging.getLogger("realm_jax.parallel").info(
+      "joined %s as process %d of %d (%d local devices)", describe(env), jax.process_index(), jax.process_count(),
+      jax.local_device_count())
+  return env
 
 
 def is_chief() -> bool:

@@ -150,19 +150,59 @@ def test_create_accelerator_table(given, name, runtime, hosts, devices):
     ("launch.py", ["pretrain", *COMMON, "--train-type", "v4-32", "--config", "experiments/a.py",
                    "--storage", "gs://b-1/r", "--set", "novalue"], "'novalue'"),
     ("launch.py", ["finetune", *COMMON, "--train-type", "v4-32", "--config", "experiments/a.py",
-                   "--storage", "gs://b-1/r"], "--init"),
+                   "--storage", "gs://b-1/r", "--init", "/data/run1"], "--init '/data/run1'"),
+    ("launch.py", ["pretrain", *COMMON, "--train-type", "v4-32", "--config", "experiments/a.py",
+                   "--storage", "gs://b-1/r", "--corpus", "/data/corpus"], "--corpus '/data/corpus'"),
+    ("launch.py", ["pretrain", *COMMON, "--train-type", "v4-32", "--config", "realm_v4_33",
+                   "--storage", "gs://b-1/r"], "'realm_v4_33' is not a named experiment (known: "),
+    ("launch.py", ["pretrain", *COMMON, "--train-type", "v4-32", "--config", "experiments/a.yaml",
+                   "--storage", "gs://b-1/r"], "'experiments/a.yaml'"),
+    ("launch.py", ["refresh", *COMMON, "--refresh-type", "v4-16", "--storage", "gs://b-1/r"],
+     "--refresh-type v4-16 has 2 workers, but the refresher runs as one process on one VM"),
+    ("launch.py", ["refresh", *COMMON, "--refresh-type", "v5e-16", "--storage", "gs://b-1/r"],
+     "use a single-host type such as v5litepod-8"),
+    ("create.py", [*COMMON, "--train-type", "v4-32", "--refresh-type", "v6e-16"], "v6e-16 has 4 workers"),
+    ("install.py", [*COMMON, "--train-type", "v4-32", "--refresh-type", "v5p-16"], "v5p-16 has 2 workers"),
+    ("install.py", [*COMMON, "--train-type", "v4-32", "--python-version", "python3.11"], "'python3.11'"),
     ("launch.py", ["pretrain", *COMMON, "--train-type", "v4-32", "--storage", "gs://b-1/r"],
      "missing --config"),
     ("logs.py", [*COMMON, "--train-type", "v4-32", "--worker", "4"], "v4-32 has 4 worker(s)"),
     ("logs.py", [*COMMON, "--train-type", "v4-32", "--worker", "two"], "'two'"),
     ("watch.py", [*COMMON, "--train-type", "v4-32", "--config", "experiments/a.py", "--storage",
                   "gs://b-1/r", "--max-polls", "0"], "--max-polls 0"),
+    ("watch.py", [*COMMON, "--train-type", "v4-32", "--config", "experiments/a.py", "--storage",
+                  "gs://b-1/r", "--backoff", "-1"], "--backoff -1"),
+    ("watch.py", [*COMMON, "--train-type", "v4-32", "--refresh-type", "v4-16", "--config", "experiments/a.py",
+                  "--storage", "gs://b-1/r"], "v4-16 has 2 workers"),
 ])
 def test_validation_errors(script, args, needle):
   r = run(script, *args, "--dry-run")
   assert r.returncode == 2, (r.stdout, r.stderr)
   assert needle in r.stderr
   assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_ai_zones_are_zones():
+  (cmd,) = commands(run("create.py", "--project", "my-proj", "--zone", "us-south1-ai1b", "--train-type", "v6e-8",
+                        "--dry-run"))
+  assert "--zone=us-south1-ai1b" in cmd
+  r = run("create.py", "--project", "my-proj", "--zone", "us-south1-ai1", "--train-type", "v6e-8", "--dry-run")
+  assert r.returncode == 2 and "'us-south1-ai1'" in r.stderr
+
+
+def test_the_kit_and_the_trainer_agree_on_slice_shapes():
+  """tpu/_kit.py (standard library only) and realm_jax/slices.py (target_slice) keep one table each."""
+  sys.path.insert(0, str(TPU))
+  try:
+    import _kit
+  finally:
+    sys.path.remove(str(TPU))
+  from realm_jax import slices
+
+  assert set(_kit.ACCELERATORS) == set(slices.SLICES)
+  for name, acc in _kit.ACCELERATORS.items():
+    s = slices.SLICES[name]
+    assert (acc.devices, acc.hosts) == (s.devices, s.hosts), name
 
 
 def test_unknown_type_lists_the_known_ones():
@@ -204,8 +244,16 @@ def test_install_ships_the_checkout_to_every_worker(tmp_path):
   assert scp_r[6] == "realm-refresh:realm-jax-src.tar.gz" and "--worker=all" in scp_r
   assert ssh_t[:-1] == ssh_prefix("realm-train") and ssh_r[:-1] == ssh_prefix("realm-refresh")
   script = remote(ssh_t)
-  assert 'python3.11 -m venv "$HOME/realm-venv"' in script
-  assert '-m pip install -q "$HOME/realm-jax[tpu]"' in script
+  # A released CPython from uv (not apt's 3.11.0rc1, not under first-boot dpkg's lock), no root.
+  assert "apt-get" not in script and "sudo" not in script
+  assert "command -v uv >/dev/null 2>&1 || curl -LsSf https://astral.sh/uv/install.sh | env UV_NO_MODIFY_PATH=1 sh" \
+      in script
+  assert ('|| { rm -rf "$HOME/realm-venv"; uv venv --python 3.11 --python-preference only-managed '
+          '"$HOME/realm-venv"; }') in script
+  assert "sys.version_info.releaselevel != 'final'" in script
+  assert ('uv pip install --python "$HOME/realm-venv/bin/python" -q \'realm-jax[tpu] @ file://\'"$HOME/realm-jax"'
+          in script)
+  assert script.endswith('echo \'checkout HEAD\' > "$HOME/realm-jax/.realm-jax-installed"')
   # The printed git command really builds the tarball the workers unpack.
   subprocess.run(archive, check=True, capture_output=True)
   with tarfile.open(tarball) as tar:
@@ -221,7 +269,7 @@ def test_install_from_pypi_ships_only_the_configs(tmp_path):
   archive, scp, ssh = commands(r)
   assert archive[-2:] == ["HEAD", "experiments"]
   assert "realm-train:realm-jax-src.tar.gz" in scp
-  assert "install -q 'realm-jax[tpu]==0.1.0'" in remote(ssh)
+  assert "install --python \"$HOME/realm-venv/bin/python\" -q 'realm-jax[tpu]==0.1.0';" in remote(ssh)
   subprocess.run(archive, check=True, capture_output=True)
   with tarfile.open(archive[5][len("--output="):]) as tar:
     names = {m.name for m in tar.getmembers() if m.isfile()}
@@ -240,7 +288,7 @@ time.sleep(float(os.environ.get("STAND_IN_SECONDS", "0")))
 """
 
 
-def worker_home(tmp_path: Path) -> Path:
+def worker_home(tmp_path: Path, installed: bool = True) -> Path:
   """A worker's $HOME as install.py leaves it; the program is a stand-in that echoes its argv."""
   home = tmp_path / "home"
   (home / "realm-jax").mkdir(parents=True)
@@ -248,6 +296,8 @@ def worker_home(tmp_path: Path) -> Path:
   program.parent.mkdir(parents=True)
   program.write_text(STAND_IN.format(python=sys.executable))
   program.chmod(0o755)
+  if installed:
+    (home / "realm-jax" / ".realm-jax-installed").write_text("checkout HEAD\n")
   return home
 
 
@@ -277,21 +327,28 @@ def launch_scripts(*extra: str) -> dict:
 def test_launch_pretrain_runs_detached_with_a_log_per_worker(tmp_path):
   scripts = launch_scripts("--config", "experiments/paper.py", "--storage", "gs://my-bucket/run1",
                            "--resume", "--set", "lr=3e-5", "note=two words", "--env", "FOO=x y")
-  home = worker_home(tmp_path)
+  home = worker_home(tmp_path, installed=False)
   logs = home / "realm-jax-logs"
+  assert on_worker(scripts["status"], home, "3").stdout.strip() == "realm-status 3 pretrain UNINSTALLED"
+  (home / "realm-jax" / ".realm-jax-installed").write_text("checkout HEAD\n")
+  assert on_worker(scripts["status"], home, "3").stdout.strip() == "realm-status 3 pretrain ABSENT"
   try:
     started = on_worker(scripts["start"], home, "3", STAND_IN_SECONDS="60")
     assert started.returncode == 0, started.stderr
     assert "worker 3: started realm-jax pretrain" in started.stdout
     log = logs / "pretrain-worker-3.log"
     deadline = time.time() + 30
-    while not log.read_text().strip() and time.time() < deadline:
+    while len(log.read_text().splitlines()) < 2 and time.time() < deadline:
       time.sleep(0.05)
-    record = json.loads(log.read_text().splitlines()[0])
-    assert record == {"argv": ["pretrain", "--config", "experiments/paper.py", "--storage",
-                               "gs://my-bucket/run1", "--resume", "--set", "lr=3e-5",
-                               "note=two words"],
-                      "foo": "x y", "cwd": str(home / "realm-jax")}
+    records = {r["argv"][0]: r for r in map(json.loads, log.read_text().splitlines())}
+    assert records["pretrain"] == {"argv": ["pretrain", "--config", "experiments/paper.py", "--storage",
+                                            "gs://my-bucket/run1", "--resume", "--set", "lr=3e-5",
+                                            "note=two words"],
+                                   "foo": "x y", "cwd": str(home / "realm-jax")}
+    # Its log shipper, in the same process group (stopped with it), copies the log to the bucket.
+    assert records["ship-log"]["argv"] == ["ship-log", str(log), "--storage", "gs://my-bucket/run1", "--to",
+                                           "logs/pretrain/worker-3.log", "--every", "60", "--until",
+                                           str(logs / "pretrain.exit")]
     assert on_worker(scripts["status"], home, "3").stdout.strip() == "realm-status 3 pretrain RUNNING"
     again = on_worker(scripts["start"], home, "3")
     assert again.returncode == 3 and "already running" in again.stderr
@@ -313,19 +370,24 @@ def test_launch_pretrain_runs_detached_with_a_log_per_worker(tmp_path):
 
 
 def test_launch_refresh_and_finetune_targets():
-  (refresh,) = commands(run("launch.py", "refresh", *COMMON, "--refresh-type", "v4-16",
+  (refresh,) = commands(run("launch.py", "refresh", *COMMON, "--refresh-type", "v4-8",
                             "--config", "experiments/a.py", "--storage", "gs://my-bucket/run1",
                             "--dry-run"))
   assert refresh[:-1] == ssh_prefix("realm-refresh")
   assert ('"$HOME/realm-venv/bin/realm-jax" refresh --config experiments/a.py --storage '
           'gs://my-bucket/run1;') in remote(refresh)
   assert '"$HOME/realm-jax-logs/refresh-worker-$W.log"' in remote(refresh)
+  (no_config,) = commands(run("launch.py", "refresh", *COMMON, "--refresh-type", "v5e-8", "--storage",
+                              "gs://my-bucket/run1", "--log-every", "15", "--dry-run"))
+  assert '"$HOME/realm-venv/bin/realm-jax" refresh --storage gs://my-bucket/run1;' in remote(no_config)
+  assert '--to "logs/refresh/worker-$W.log" --every 15 ' in remote(no_config)
   (finetune,) = commands(run("launch.py", "finetune", *COMMON, "--train-type", "v5e-64",
-                             "--config", "experiments/b.py", "--storage", "gs://my-bucket/ft",
-                             "--init", "gs://my-bucket/run1/checkpoints", "--dry-run"))
+                             "--config", "openqa_nq", "--storage", "gs://my-bucket/ft", "--corpus",
+                             "gs://my-bucket/corpora/wiki", "--init", "gs://my-bucket/run1", "--set",
+                             "train_questions=gs://my-bucket/data/nq-train.jsonl", "--dry-run"))
   assert finetune[:-1] == ssh_prefix("realm-train")
-  assert ("finetune --config experiments/b.py --storage gs://my-bucket/ft --init "
-          "gs://my-bucket/run1/checkpoints;") in remote(finetune)
+  assert ("finetune --config openqa_nq --storage gs://my-bucket/ft --corpus gs://my-bucket/corpora/wiki --init "
+          "gs://my-bucket/run1 --set train_questions=gs://my-bucket/data/nq-train.jsonl;") in remote(finetune)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,9 +460,17 @@ def test_watch_dry_run_prints_one_pass_of_the_loop(tmp_path):
   assert len(starts) == 4
   assert all("pretrain --config experiments/a.py --storage gs://my-bucket/run1 --resume;" in s
              for s in starts[:2])
-  assert all("refresh --config experiments/a.py --storage gs://my-bucket/run1;" in s
-             for s in starts[2:])
+  # The refresher takes the trainer's config (with its overrides) from the checkpoints.
+  assert all('"$HOME/realm-venv/bin/realm-jax" refresh --storage gs://my-bucket/run1;' in s for s in starts[2:])
+  assert all(f'--to "logs/{job}/worker-$W.log" --every 60 ' in s
+             for job, s in zip(["pretrain", "pretrain", "refresh", "refresh"], starts))
   assert "# every 60 s" in r.stdout
+  assert cmds[0][-1] == "HEAD" and "wait 60 s, then twice as long each time (at most 3600 s); at most 200" in r.stdout
+  pinned = commands(run("watch.py", *WATCH, "--ref", "v0.2.0", "--corpus", "gs://my-bucket/corpora/wiki", "--init",
+                        "gs://my-bucket/ict-run1", "--staging-dir", str(tmp_path), "--dry-run"))
+  assert pinned[0][-1] == "v0.2.0"  # re-installs ship --ref, as install.py does
+  assert ("pretrain --config experiments/a.py --storage gs://my-bucket/run1 --corpus gs://my-bucket/corpora/wiki "
+          "--init gs://my-bucket/ict-run1 --resume;") in remote(pinned[-1])
   ict = commands(run("watch.py", *WATCH, "--job", "ict", "--refresh-type", "v4-8",
                      "--staging-dir", str(tmp_path), "--dry-run"))
   assert len(ict) == 1 + len(per_role) and not any("realm-refresh" in c for c in ict)
@@ -408,16 +478,18 @@ def test_watch_dry_run_prints_one_pass_of_the_loop(tmp_path):
 
 
 FAKE_GCLOUD = """#!{python}
-import json, os, sys
+import json, os, sys, time
 path = os.environ["FAKE_GCLOUD_STATE"]
 state = json.load(open(path))
 args = sys.argv[1:]
 state["calls"].append(args)
+state["times"].append(time.monotonic())
+take = lambda key: state[key].pop(0) if len(state[key]) > 1 else state[key][0]  # the last one repeats
 out = ""
 if args[3] == "describe":
-  out = state["qr"].pop(0) + "\\n"
+  out = take("qr") + "\\n"
 elif args[3] == "ssh" and "realm-status" in args[-1]:
-  out = "".join(f"realm-status {{i}} pretrain {{s}}\\n" for i, s in enumerate(state["workers"].pop(0)))
+  out = "".join(f"realm-status {{i}} pretrain {{s}}\\n" for i, s in enumerate(take("workers")))
 json.dump(state, open(path, "w"))
 sys.stdout.write(out)
 """
@@ -429,7 +501,7 @@ def fake_gcloud(tmp_path: Path, qr: list, workers: list) -> tuple[str, Path]:
   (bin_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable))
   (bin_dir / "gcloud").chmod(0o755)
   state = tmp_path / "state.json"
-  state.write_text(json.dumps({"calls": [], "qr": qr, "workers": workers}))
+  state.write_text(json.dumps({"calls": [], "times": [], "qr": qr, "workers": workers}))
   git_dir = os.path.dirname(shutil.which("git"))
   return f"{bin_dir}:{git_dir}", state
 
@@ -439,17 +511,10 @@ def test_watch_recreates_after_preemption_and_resumes(tmp_path):
   path, state = fake_gcloud(
       tmp_path, qr=["ACTIVE", "SUSPENDED", "PROVISIONING", "ACTIVE", "ACTIVE", "ACTIVE"],
       workers=[running, ["RUNNING", "RUNNING", "EXITED 1", "RUNNING"], exited])
-  r = run("watch.py", *WATCH, "--interval", "0", "--max-polls", "6", "--unhealthy-polls", "1",
+  r = run("watch.py", *WATCH, "--interval", "0", "--max-polls", "6", "--unhealthy-polls", "1", "--backoff", "0",
           "--staging-dir", str(tmp_path / "dist"), path=path, env={"FAKE_GCLOUD_STATE": str(state)})
   assert r.returncode == 0, r.stderr
   calls = json.loads(state.read_text())["calls"]
-
-  def kind(c):
-    if c[3] == "ssh":
-      script = c[-1]
-      return ("status" if "realm-status" in script else "install" if "pip install" in script
-              else "stop" if "stopped realm-jax" in script else "start")
-    return c[3]
 
   assert [kind(c) for c in calls] == [
       "describe", "status",                                   # healthy
@@ -464,9 +529,43 @@ def test_watch_recreates_after_preemption_and_resumes(tmp_path):
   assert (tmp_path / "dist" / "realm-jax-src.tar.gz").exists()
 
 
+def kind(c: list[str]) -> str:
+  """What a gcloud call of watch.py does."""
+  if c[3] == "ssh":
+    script = c[-1]
+    return ("status" if "realm-status" in script else "install" if "pip install" in script
+            else "stop" if "stopped realm-jax" in script else "start")
+  return c[3]
+
+
+def test_a_watcher_started_before_install_installs_first(tmp_path):
+  path, state = fake_gcloud(tmp_path, qr=["ACTIVE"], workers=[["UNINSTALLED"] * 4, ["RUNNING"] * 4,
+                                                              ["EXITED 0"] * 4])
+  r = run("watch.py", *WATCH, "--interval", "0", "--max-polls", "4", "--staging-dir", str(tmp_path / "dist"),
+          path=path, env={"FAKE_GCLOUD_STATE": str(state)})
+  assert r.returncode == 0, r.stderr
+  assert [kind(c) for c in json.loads(state.read_text())["calls"]] == [
+      "describe", "status", "stop", "scp", "install", "start",  # not installed: install, then start
+      "describe", "status", "describe", "status"]
+  assert "realm-train is not installed on every worker: installing, then starting pretrain" in r.stderr
+
+
+def test_watch_backs_off_exponentially_while_a_job_keeps_failing(tmp_path):
+  path, state = fake_gcloud(tmp_path, qr=["ACTIVE"], workers=[["RUNNING", "EXITED 1", "RUNNING", "RUNNING"]])
+  r = run("watch.py", *WATCH, "--interval", "0.05", "--max-polls", "30", "--unhealthy-polls", "1", "--backoff",
+          "0.4", "--max-backoff", "0.8", "--staging-dir", str(tmp_path / "dist"), path=path,
+          env={"FAKE_GCLOUD_STATE": str(state)})
+  assert r.returncode == 2 and "still not finished after 30 polls" in r.stderr
+  saved = json.loads(state.read_text())
+  starts = [t for c, t in zip(saved["calls"], saved["times"]) if kind(c) == "start"]
+  gaps = [b - a for a, b in zip(starts, starts[1:])]
+  assert len(starts) >= 3 and "backing off" in r.stderr
+  assert gaps[0] >= 0.4 and all(g >= 0.8 for g in gaps[1:]), gaps  # 0.4 s, then doubled, capped at 0.8 s
+
+
 def test_watch_gives_up_after_max_relaunches(tmp_path):
   path, state = fake_gcloud(tmp_path, qr=["SUSPENDED", "SUSPENDED", "SUSPENDED"], workers=[])
-  r = run("watch.py", *WATCH, "--interval", "0", "--max-polls", "3", "--max-relaunches", "1",
+  r = run("watch.py", *WATCH, "--interval", "0", "--max-polls", "3", "--max-relaunches", "1", "--backoff", "0",
           "--staging-dir", str(tmp_path / "dist"), path=path, env={"FAKE_GCLOUD_STATE": str(state)})
   assert r.returncode == 2 and "--max-relaunches 1" in r.stderr
   kinds = [c[3] for c in json.loads(state.read_text())["calls"]]

@@ -9,6 +9,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from realm_jax.storage import Storage
 
@@ -103,8 +104,16 @@ def test_ict_warm_start_trains_the_retriever(corpus_root, tmp_path):
   cfg = load_config("ict_smoke", ["batch_size=16", "log_every=1", "async_checkpointing=false",
                                   "grad_accum_steps=2", "num_train_steps=3"])
   root = _fresh_root(corpus_root, tmp_path, "ict")
-  result = Trainer(cfg, root, log_fn=lambda m: None).run()
+  trainer = Trainer(cfg, root, log_fn=lambda m: None)
+  before = jax.tree.map(np.array, nnx.state(trainer.model, nnx.Param))
+  result = trainer.run()
+  after = jax.tree.map(np.array, nnx.state(trainer.model, nnx.Param))
   assert result.step == 6  # 3 optimizer steps x 2 micro-batches
+  # Only the retriever trains: the encoder, which the ICT loss never reads, is not even weight-decayed.
+  assert cfg.weight_decay > 0
+  jax.tree.map(np.testing.assert_array_equal, after["encoder"], before["encoder"])
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), after["retriever"], before["retriever"]))
+  assert all(moved), f"{sum(moved)} of {len(moved)} retriever parameters moved"
   assert all(0.0 <= h["ict_accuracy"] <= 1.0 and np.isfinite(h["loss"]) for h in result.history)
   assert Storage.open(root).exists("TRAINING_DONE")
 

@@ -109,7 +109,8 @@ def accelerator(name: str | None, flag: str = "--train-type") -> Accelerator:
 # Argument checks.
 # ---------------------------------------------------------------------------------------------
 
-_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
+# us-central2-b; AI zones carry an "ai<N>" before the letter: us-south1-ai1b.
+_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-(ai[0-9]+)?[a-z]$")
 _PROJECT = re.compile(r"^([a-z][a-z0-9.-]*[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _RESOURCE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
@@ -123,7 +124,8 @@ def check_zone(zone: str | None) -> str:
   if not _ZONE.match(zone):
     hint = " (that looks like a region; add the zone letter, e.g. -b)" if re.match(
         r"^[a-z]+-[a-z]+[0-9]+$", zone) else ""
-    raise KitError(f"bad zone {zone!r}: expected REGION-LETTER like us-central2-b{hint}")
+    raise KitError(f"bad zone {zone!r}: expected REGION-LETTER like us-central2-b (or an AI zone like "
+                   f"us-south1-ai1b){hint}")
   return zone
 
 
@@ -146,6 +148,14 @@ def check_name(name: str | None) -> str:
     raise KitError(f"bad --name {name!r}: lowercase letters, digits and hyphens, starting with a "
                    f"letter, at most {63 - len('-refresh-qr')} characters")
   return name
+
+
+def check_refresher(t: "Target", flag: str = "--refresh-type") -> None:
+  """The refresher is one process on one VM: a multi-host type would run it once per worker."""
+  if t.acc.hosts > 1:
+    single = ", ".join(n for n in ("v4-8", "v5litepod-8", "v5p-8", "v6e-8") if n.startswith(t.acc.family))
+    raise KitError(f"{flag} {t.acc.name} has {t.acc.hosts} workers, but the refresher runs as one process on one "
+                   f"VM (multi-host refreshers are not supported yet): use a single-host type such as {single}")
 
 
 def check_worker(worker: str, acc: Accelerator) -> str:
@@ -268,9 +278,11 @@ def storage_rm(uri: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 SRC_DIR, VENV_DIR, LOG_DIR = "realm-jax", "realm-venv", "realm-jax-logs"
-# The worker index: TPU_WORKER_ID if set (GKE), else the TPU VM metadata, else the hostname.
-WORKER_ID = ('W="${TPU_WORKER_ID:-$(curl -sf -m 5 -H Metadata-Flavor:Google '
-             'http://metadata.google.internal/computeMetadata/v1/instance/attributes/'
+INSTALLED = f"{SRC_DIR}/.realm-jax-installed"  # written last by install.py: the worker is ready
+# The worker index: TPU_WORKER_ID if set (GKE), else the TPU VM metadata server (GCE_METADATA_IP
+# overrides its address, as for JAX), else the hostname. Exported for the job's own shell.
+WORKER_ID = ('export W="${TPU_WORKER_ID:-$(curl -sf -m 5 -H Metadata-Flavor:Google '
+             'http://${GCE_METADATA_IP:-metadata.google.internal}/computeMetadata/v1/instance/attributes/'
              'agent-worker-number || hostname)}"')
 
 

@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
 """Install realm-jax[tpu] on every worker of the trainer and refresher TPUs.
 
-Each worker gets a Python 3.11 virtualenv in ~/realm-venv (jax 0.10 needs Python >= 3.11; the
-TPU images ship 3.10) and the experiment configs in ~/realm-jax. `--from checkout` (default)
-ships `git archive REF` of this checkout and pip-installs it; `--from pypi` pip-installs a
-released version (with its named experiments) and ships only experiments/ (your own configs).
+Each worker gets a virtualenv ~/realm-venv on a released CPython 3.11 that uv installs (jax 0.10
+needs Python >= 3.11; the TPU images ship 3.10, and Ubuntu 22.04's `python3.11` package is the
+release candidate 3.11.0rc1). No apt-get: on a fresh VM, unattended-upgrades holds dpkg's lock
+for minutes, which would fail the install on some workers. uv itself comes from its installer
+(https://astral.sh/uv) into ~/.local/bin, without root. `--from checkout` (default) ships
+`git archive REF` of this checkout and installs it (not editable: the named experiments come with
+the package); `--from pypi` installs a released version and ships only experiments/ (your own
+configs). The last step writes ~/realm-jax/.realm-jax-installed, which launch.py's `status` and
+watch.py read (a worker without it is UNINSTALLED).
 
 Example: tpu/install.py --project my-proj --zone us-central2-b --train-type v4-32 \\
              --refresh-type v4-8 --dry-run
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -21,6 +27,8 @@ from pathlib import Path
 import _kit
 
 TARBALL = "realm-jax-src.tar.gz"
+PYTHON_VERSION = "3.11"
+UV_INSTALLER = "https://astral.sh/uv/install.sh"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--ref", default="HEAD", help="git ref to ship with --from checkout")
   p.add_argument("--package", default="realm-jax[tpu]",
                  help="pip requirement with --from pypi (default 'realm-jax[tpu]')")
-  p.add_argument("--python", default="python3.11",
-                 help="interpreter for the worker virtualenv (installed with apt if missing)")
+  p.add_argument("--python-version", default=PYTHON_VERSION,
+                 help=f"CPython for the worker virtualenv, installed by uv (default {PYTHON_VERSION})")
   p.add_argument("--staging-dir", default=os.path.join("/tmp", "realm-jax-dist"),
                  help="local folder for the source tarball")
   return p.parse_args(argv)
@@ -47,28 +55,36 @@ def archive_command(source: str, ref: str, staging_dir: str) -> list[str]:
   return cmd + (["experiments"] if source == "pypi" else [])
 
 
-def remote_install_script(source: str, package: str, python: str) -> str:
-  """The bash run on every worker: venv, unpack the tarball, pip install, print the version."""
-  if not python.replace(".", "").replace("-", "").isalnum():
-    raise _kit.KitError(f"bad --python {python!r}: expected an interpreter name like python3.11")
-  pip = f'{_kit.home(_kit.VENV_DIR + "/bin/python")} -m pip install -q'
-  requirement = _kit.home(_kit.SRC_DIR + "[tpu]") if source == "checkout" else shlex.quote(package)
+def remote_install_script(source: str, package: str, python_version: str = PYTHON_VERSION,
+                          label: str = "") -> str:
+  """The bash run on every worker: uv, a venv on a released CPython, unpack the tarball, install,
+  print the version, then the marker that says the worker is ready (`label` goes into it)."""
+  if not re.fullmatch(r"3\.[0-9]+", python_version):
+    raise _kit.KitError(f"bad --python-version {python_version!r}: expected a CPython minor version like 3.11")
+  venv, python = _kit.home(_kit.VENV_DIR), _kit.home(_kit.VENV_DIR + "/bin/python")
+  minor = python_version.split(".")[1]
+  released = (f"import sys; sys.exit(sys.version_info[:2] != (3, {minor}) or "
+              "sys.version_info.releaselevel != 'final')")
+  src = _kit.home(_kit.SRC_DIR)
+  requirement = (shlex.quote("realm-jax[tpu] @ file://") + f'"$HOME/{_kit.SRC_DIR}"' if source == "checkout"
+                 else shlex.quote(package))
   logs = _kit.home(_kit.LOG_DIR)
   return "; ".join([
-      "set -e",
+      "set -e -o pipefail",
       f"mkdir -p {logs}",
       # Refuse to replace the code under a running job.
       f'for P in {logs}/*.pid; do if [ -f "$P" ] && kill -0 "$(cat "$P")" 2>/dev/null; then '
       'echo "a realm-jax job is running ($P): stop it first" >&2; exit 3; fi; done',
-      f"if ! command -v {python} >/dev/null 2>&1; then sudo apt-get update -qq && "
-      f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {python} {python}-venv; fi",
-      f"[ -x {_kit.home(_kit.VENV_DIR + '/bin/python')} ] || {python} -m venv "
-      f"{_kit.home(_kit.VENV_DIR)}",
-      f"{pip} --upgrade pip",
-      f"rm -rf {_kit.home(_kit.SRC_DIR)} && mkdir -p {_kit.home(_kit.SRC_DIR)}",
-      f"tar -xzf {_kit.home(TARBALL)} -C {_kit.home(_kit.SRC_DIR)}",
-      f"{pip} {requirement}",
+      'export PATH="$HOME/.local/bin:$PATH"',
+      f"command -v uv >/dev/null 2>&1 || curl -LsSf {UV_INSTALLER} | env UV_NO_MODIFY_PATH=1 sh",
+      # A venv on anything but a released CPython of that version (e.g. 3.11.0rc1) is replaced.
+      f'{python} -c "{released}" 2>/dev/null || {{ rm -rf {venv}; '
+      f"uv venv --python {python_version} --python-preference only-managed {venv}; }}",
+      f"rm -rf {src} && mkdir -p {src}",
+      f"tar -xzf {_kit.home(TARBALL)} -C {src}",
+      f"uv pip install --python {python} -q {requirement}",
       f"{_kit.home(_kit.VENV_DIR + '/bin/realm-jax')} --version",
+      f"echo {shlex.quote(label or source)} > {_kit.home(_kit.INSTALLED)}",
   ])
 
 
@@ -80,10 +96,13 @@ def plan(args: argparse.Namespace) -> list[list[str]]:
   if args.role == "both" and not args.refresh_type:
     roles = ["train"]
   targets = [_kit.target(args, role) for role in roles]
-  script = remote_install_script(args.source, args.package, args.python)
+  label = f"checkout {args.ref}" if args.source == "checkout" else args.package
+  script = remote_install_script(args.source, args.package, args.python_version, label)
   cmds = [archive_command(args.source, args.ref, args.staging_dir)]
   tarball = str(Path(args.staging_dir) / TARBALL)
   for t in targets:
+    if t.role == "refresh":
+      _kit.check_refresher(t)
     _kit.note(f"{t.role}: installing on all {t.acc.hosts} worker(s) of {t.node} ({t.acc.name})")
     cmds.append(_kit.scp(t, tarball, TARBALL))
     cmds.append(_kit.ssh(t, script))

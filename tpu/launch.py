@@ -6,11 +6,15 @@
   stop JOB | status JOB       stop a job / print `realm-status WORKER JOB STATE` per worker
 
 Each worker runs `~/realm-venv/bin/realm-jax JOB ...` from ~/realm-jax under setsid+nohup;
-output goes to ~/realm-jax-logs/JOB-worker-W.log, the pid to JOB.pid, the exit code to JOB.exit.
-The code calls jax.distributed.initialize() itself: every worker runs the same command.
+output goes to ~/realm-jax-logs/JOB-worker-W.log, the pid to JOB.pid, the exit code to JOB.exit,
+and `realm-jax ship-log` copies the log to STORAGE/logs/JOB/worker-W.log every --log-every
+seconds (a preempted VM loses its disk, not the log). The code calls jax.distributed.initialize()
+itself: every worker runs the same command.
 
 Example: tpu/launch.py pretrain --project my-proj --zone us-central2-b --train-type v4-32 \\
-             --config experiments/realm_v4_32.py --storage gs://my-bucket/run1 --dry-run
+             --config realm_v4_32 --storage gs://my-bucket/run1 --corpus gs://my-bucket/corpora/wiki \\
+             --init gs://my-bucket/weights/bert-base-uncased --set init_retriever=gs://my-bucket/ict-run1 \\
+             --dry-run
 """
 
 from __future__ import annotations
@@ -39,13 +43,27 @@ def role_of(job: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def remote_start(job: str, job_args: list[str], env: list[str] = ()) -> str:
-  """Starts `realm-jax JOB job_args` detached; refuses if the job already runs on the worker."""
+LOG_EVERY = 60.0
+
+
+def ship_log(job: str, storage: str, every: float) -> str:
+  """`realm-jax ship-log` of the job's log to STORAGE/logs/JOB/worker-$W.log (worker-side shell)."""
+  program = _kit.home(f"{_kit.VENV_DIR}/bin/realm-jax")
+  return (f"{program} ship-log {_kit.log_file(f'{job}-worker-$W.log')} --storage {shlex.quote(storage)} "
+          f'--to "logs/{job}/worker-$W.log" --every {every:g} --until {_kit.log_file(f"{job}.exit")}')
+
+
+def remote_start(job: str, job_args: list[str], env: list[str] = (), storage: str | None = None,
+                 log_every: float = LOG_EVERY) -> str:
+  """Starts `realm-jax JOB job_args` detached (with its log shipper when `storage` is given);
+  refuses if the job already runs on the worker."""
   pid, done = _kit.log_file(f"{job}.pid"), _kit.log_file(f"{job}.exit")
   log = _kit.log_file(f"{job}-worker-$W.log")
   program = _kit.home(f"{_kit.VENV_DIR}/bin/realm-jax")
   inner = " ".join(["env", *map(shlex.quote, env)] if env else [])
   inner = f"{inner} {program} {shlex.join([job, *job_args])}; echo $? > {done}".lstrip()
+  if storage:
+    inner = f"{ship_log(job, storage, log_every)} & {inner}"
   return "; ".join([
       f"mkdir -p {_kit.home(_kit.LOG_DIR)}",
       _kit.WORKER_ID,
@@ -75,12 +93,14 @@ def remote_stop(job: str, grace_s: int = 60) -> str:
 
 
 def remote_status(job: str) -> str:
-  """Prints `realm-status W JOB RUNNING|EXITED <code>|ABSENT` on each worker."""
+  """Prints `realm-status W JOB RUNNING|EXITED <code>|ABSENT|UNINSTALLED` on each worker
+  (UNINSTALLED: install.py has not finished there, e.g. a fresh or re-created VM)."""
   pid, done = _kit.log_file(f"{job}.pid"), _kit.log_file(f"{job}.exit")
   return "; ".join([
       _kit.WORKER_ID,
       f'if [ -f {done} ]; then S="EXITED $(cat {done})"; '
       f'elif [ -f {pid} ] && kill -0 -- "-$(cat {pid})" 2>/dev/null; then S=RUNNING; '
+      f"elif [ ! -f {_kit.home(_kit.INSTALLED)} ]; then S=UNINSTALLED; "
       "else S=ABSENT; fi",
       f'echo "realm-status $W {job} $S"',
   ])
@@ -91,10 +111,12 @@ def remote_status(job: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def job_args(job: str, config: str, storage: str, resume: bool = False, sets: list[str] = (),
-             init: str | None = None) -> list[str]:
+def job_args(job: str, config: str | None, storage: str, resume: bool = False, sets: list[str] = (),
+             init: str | None = None, corpus: str | None = None) -> list[str]:
   """The realm-jax command line after the sub-command name."""
-  out = ["--config", config, "--storage", storage]
+  out = (["--config", config] if config else []) + ["--storage", storage]
+  if corpus:
+    out += ["--corpus", corpus]
   if init:
     out += ["--init", init]
   if resume:
@@ -104,30 +126,53 @@ def job_args(job: str, config: str, storage: str, resume: bool = False, sets: li
   return out
 
 
-def check_job_flags(args: argparse.Namespace, t: _kit.Target) -> tuple[str, str | None]:
-  """Validates --config/--storage/--set/--env/--init; returns (storage, init)."""
-  if not args.config:
-    raise _kit.KitError(f"missing --config for {args.job} (e.g. experiments/realm_base.py)")
-  if not args.config.endswith(".py"):
-    raise _kit.KitError(f"--config {args.config!r} should be a Python config file (*.py)")
-  if not os.path.isabs(args.config) and not (_kit.REPO_ROOT / args.config).exists():
-    _kit.note(f"{args.config} is not in this checkout; it must exist in ~/{_kit.SRC_DIR} on the "
+NAMED = _kit.REPO_ROOT / "realm_jax" / "experiments"  # the named experiments, installed with the package
+SYMBOLIC_INIT = ("minilm", "random")
+
+
+def check_config(config: str | None, job: str) -> str | None:
+  """A named experiment (`realm_v4_32`) or a .py/.json file of the checkout (`experiments/x.py`);
+  optional for the refresher, which reads the trainer's config from its checkpoints."""
+  if not config and job == "refresh":
+    return None
+  if not config:
+    raise _kit.KitError(f"missing --config for {job} (a named experiment such as realm_v4_32, or "
+                        "experiments/my_run.py)")
+  if re.fullmatch(r"[a-z][a-z0-9_]*", config):
+    if NAMED.is_dir() and not (NAMED / f"{config}.py").exists():
+      known = ", ".join(sorted(p.stem for p in NAMED.glob("*.py") if not p.stem.startswith("_")))
+      raise _kit.KitError(f"--config {config!r} is not a named experiment (known: {known}); a file of yours is "
+                          "passed by path, e.g. experiments/my_run.py")
+    return config
+  if not config.endswith((".py", ".json")):
+    raise _kit.KitError(f"--config {config!r} should be a named experiment or a config file (*.py, *.json)")
+  if not os.path.isabs(config) and not (_kit.REPO_ROOT / config).exists():
+    _kit.note(f"{config} is not in this checkout; it must exist in ~/{_kit.SRC_DIR} on the "
               "workers (install.py ships the checkout's files)")
+  return config
+
+
+def check_job_flags(args: argparse.Namespace, t: _kit.Target) -> tuple[str, str | None, str | None]:
+  """Validates --config/--storage/--corpus/--init/--set/--env; returns (storage, init, corpus)."""
+  args.config = check_config(args.config, args.job)
+  if args.job == "refresh":
+    _kit.check_refresher(t)
   storage = _kit.check_storage(args.storage, t.acc, t.role)
+  corpus = getattr(args, "corpus", None)
+  if corpus:
+    corpus = _kit.check_storage(corpus, t.acc, t.role, flag="--corpus")
   for item in args.set or ():
     if not _SET.match(item):
       raise _kit.KitError(f"bad --set {item!r}: expected key=value")
   for item in args.env or ():
     if not _ENV.match(item):
       raise _kit.KitError(f"bad --env {item!r}: expected NAME=value")
-  init = None
-  if args.job == "finetune":
-    if not args.init:
-      raise _kit.KitError("finetune needs --init gs://... (the pre-trained checkpoint)")
-    init = _kit.check_storage(args.init, t.acc, t.role, flag="--init")
-  elif getattr(args, "init", None):
-    raise _kit.KitError(f"--init is only for finetune, not {args.job}")
-  return storage, init
+  init = getattr(args, "init", None)
+  if init and init not in SYMBOLIC_INIT:
+    init = _kit.check_storage(init, t.acc, t.role, flag="--init")
+  if getattr(args, "log_every", LOG_EVERY) <= 0:
+    raise _kit.KitError(f"--log-every {args.log_every} must be > 0")
+  return storage, init, corpus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,17 +185,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   sub = p.add_subparsers(dest="job", required=True, metavar="JOB")
   for job in JOBS:
     s = sub.add_parser(job, parents=[common], help=f"start realm-jax {job} on all workers")
-    s.add_argument("--config", help="experiment config, relative to the checkout root")
+    s.add_argument("--config", help="a named experiment (realm_v4_32, ...) or a config file relative to the "
+                   "checkout root (experiments/my_run.py)" + ("; optional: the refresher reads the trainer's "
+                   "config from its checkpoints and only checks this one against it" if job == "refresh" else ""))
     s.add_argument("--storage", default=os.environ.get("REALM_STORAGE"),
                    help="storage root gs://BUCKET/RUN (env REALM_STORAGE)")
     if job != "refresh":
       s.add_argument("--resume", action="store_true",
                      help="resume from the last checkpoint under --storage")
-    s.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config overrides")
+      s.add_argument("--corpus", default=os.environ.get("REALM_CORPUS"),
+                     help="the corpus's own URI, shared by runs: gs://BUCKET/corpora/wiki (env REALM_CORPUS; "
+                     "default STORAGE/corpus)")
+      s.add_argument("--init", help="starting weights: gs://... weights directory or run root, minilm, random")
+    s.add_argument("--log-every", type=float, default=LOG_EVERY,
+                   help=f"seconds between copies of each worker's log to STORAGE/logs/ (default {LOG_EVERY:g})")
+    s.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="config overrides (repeatable)")
     s.add_argument("--env", action="append", metavar="NAME=VALUE",
                    help="environment variable for the job (repeatable)")
-    if job == "finetune":
-      s.add_argument("--init", help="pre-trained checkpoint to start from (gs://...)")
   for action in ("stop", "status"):
     s = sub.add_parser(action, parents=[common], help=f"{action} a job on all workers")
     s.add_argument("target_job", choices=JOBS, metavar="JOB", help=" | ".join(JOBS))
@@ -169,15 +220,15 @@ def plan(args: argparse.Namespace) -> list[list[str]]:
       return [_kit.ssh(t, remote_stop(args.target_job, args.grace))]
     return [_kit.ssh(t, remote_status(args.target_job))]
   t = _kit.target(args, role_of(args.job))
-  storage, init = check_job_flags(args, t)
+  storage, init, corpus = check_job_flags(args, t)
   devices = t.acc.devices
   per_device = (f"{PAPER_BATCH // devices} per device" if PAPER_BATCH % devices == 0
                 else f"not divisible by {devices} devices")
   _kit.note(f"{args.job} on {t.node}: {t.acc.describe()}; the paper's batch {PAPER_BATCH} -> "
             f"{per_device}")
   jargs = job_args(args.job, args.config, storage, getattr(args, "resume", False),
-                   args.set or (), init)
-  return [_kit.ssh(t, remote_start(args.job, jargs, args.env or ()))]
+                   args.set or (), init, corpus)
+  return [_kit.ssh(t, remote_start(args.job, jargs, args.env or (), storage, args.log_every))]
 
 
 def main(argv: list[str] | None = None) -> int:

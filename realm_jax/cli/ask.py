@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     raise ConfigError(f"--top must be >= 1, got {args.top}")
   if not args.question.strip():
     raise QuestionError("the question is empty")
-  setup = load_for_answering(args.storage, args.step, args.weights, args.index)
+  setup = load_for_answering(args.storage, args.step, args.weights, args.index, role="ask")
   answerer = Answerer(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index.embeddings,
                       setup.mesh, candidates=max(20, 4 * args.top))
   answers = answerer.ask(args.question, args.top)

@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
   from realm_jax.demo.pipeline import Demo
   from realm_jax.demo.recipe import RECIPES
   from realm_jax.demo.ui import ConsoleUI
+  from realm_jax.parallel import initialize_distributed
   from realm_jax.storage import Storage
+
+  initialize_distributed("demo", multi_process=False)  # the demo's stages share this one process
 
   if getattr(args, "log_level", None) is None:  # the console UI shows the run's lines itself
     logging.getLogger("realm_jax").setLevel(logging.WARNING)

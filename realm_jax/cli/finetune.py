@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from realm_jax.cli.pretrain import add_run_flags, run_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("finetune", help="Open-QA fine-tuning on a frozen index",
@@ -15,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                  "or a .py/.json path")
   p.add_argument("--storage", required=True,
                  help="storage root with the corpus: gs://bucket/run, file:///path or a path")
+  add_run_flags(p)
   p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                  help="override a config field, e.g. --set train_questions=nq-train.jsonl --set init=gs://b/pretrain")
   p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the root")
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
   if args.stop_after is not None and args.stop_after < 1:
     raise ConfigError(f"--stop-after must be >= 1 (steps to run now), got {args.stop_after}")
-  cfg = load_finetune_config(args.config, args.set)
+  cfg = load_finetune_config(args.config, run_overrides(args) + list(args.set))
   if args.eval_out:
     inputs = [q for q in (cfg.train_questions, cfg.eval_questions) if q]
     check_output(args.eval_out, inputs, overwrite=args.overwrite, flag="--eval-out")

@@ -19,7 +19,7 @@ from realm_jax.errors import RealmError
 # Sub-command modules, in the order `--help` lists them (`pretrain` also registers `ict`,
 # `convert` also `export`).
 COMMANDS = ("demo", "forward", "corpus", "tokenizer", "data", "pretrain", "refresh", "finetune", "evaluate",
-            "ask", "convert")
+            "ask", "convert", "ship_log")
 
 
 def build_parser() -> argparse.ArgumentParser:

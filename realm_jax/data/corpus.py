@@ -294,6 +294,29 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
 # Reading.
 
 
+def split_corpus_uri(uri: str) -> tuple[str, str]:
+  """`gs://bucket/corpora/wiki` -> (`gs://bucket/corpora`, `wiki`): the storage root that holds a
+  corpus directory, and the directory's name (the corpus prefix inside that root)."""
+  text = uri.strip().rstrip("/")
+  scheme, sep, rest = text.partition("://")
+  path = rest if sep else text
+  parent, _, name = path.rpartition("/")
+  if not name or (sep and scheme in ("gs", "gcs") and not parent):
+    raise CorpusError(f"corpus URI {uri!r}: name the corpus directory, e.g. gs://bucket/corpora/wiki "
+                      "(a corpus under the bucket, not the bucket itself)")
+  if sep:
+    return f"{scheme}://{parent}", name
+  return parent or ".", name
+
+
+def open_corpus(storage, uri: str | None, prefix: str | None) -> CorpusReader:
+  """The corpus at its own `uri` (shared between runs) or, when None, at `prefix` under `storage`."""
+  if uri is None:
+    return CorpusReader(storage, prefix)
+  root, name = split_corpus_uri(uri)
+  return CorpusReader(root, name)
+
+
 class CorpusReader:
   """Reads a built corpus: manifest checked on open, each shard's size and sha256 on read."""
 

@@ -186,16 +186,35 @@ def read_questions(path: str | os.PathLike, answer_type: AnswerType | None = Non
 
 
 def load_questions(name_or_path: str, answer_type: AnswerType | None = None) -> list[QAExample]:
-  """Loads a set by short name (nq-test, nq-dev, wq-test, ct-test, trivia-dev, trivia-test) or path."""
+  """Loads a set by short name (nq-test, nq-dev, wq-test, ct-test, trivia-dev, trivia-test), a
+  path, or a storage URI (gs://bucket/data/nq-train.jsonl: read once into a local temp file)."""
   if name_or_path in sources.QUESTION_FILES:
     kind = answer_type or ("regex" if name_or_path in REGEX_SETS else "text")
     examples = read_questions(sources.question_file(name_or_path), kind)
     return [dataclasses.replace(e, qid=f"{name_or_path}-{i}") for i, e in enumerate(examples)]
+  if "://" in name_or_path and not name_or_path.startswith("file://"):
+    return _load_remote_questions(name_or_path, answer_type)
   path = pathlib.Path(name_or_path)
   if not path.exists():
     raise QuestionFileError(f"{name_or_path!r} is neither a known question set "
                             f"({', '.join(SHORT_NAMES)}) nor an existing file")
   return read_questions(path, answer_type)
+
+
+def _load_remote_questions(uri: str, answer_type: AnswerType | None) -> list[QAExample]:
+  import tempfile
+
+  from realm_jax.storage import Storage, StorageError
+
+  parent, _, name = uri.rstrip("/").rpartition("/")
+  try:
+    data = Storage.open(parent).read_bytes(name)
+  except (StorageError, FileNotFoundError) as e:
+    raise QuestionFileError(f"{uri!r}: cannot read the question file ({e})") from e
+  with tempfile.TemporaryDirectory(prefix="realm-questions-") as tmp:
+    local = pathlib.Path(tmp) / name  # keeps the name: the format and answer type follow it
+    local.write_bytes(data)
+    return read_questions(local, answer_type)
 
 
 # TFDS builders: name -> (question feature, answers feature).

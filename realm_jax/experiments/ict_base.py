@@ -1,4 +1,10 @@
-"""ORQA's Inverse Cloze Task warm start: batch 4096, lr 1e-4, 100k steps, query 64 / block 288."""
+"""ORQA's Inverse Cloze Task warm start: batch 4096, lr 1e-4, 100k steps, query 64 / block 288.
+
+Starts from BERT-base (ORQA, REALM): `init` must name BERT-base weights converted with
+`realm-jax convert hf --kind bert --path bert-base-uncased/ --out URI` (both towers start from it).
+The whole batch in one step does not fit any accelerator: the slice configs (ict_v4_32,
+ict_v5e_64, ict_gpu) run it as gradient-accumulation micro-batches.
+"""
 
 from realm_jax.config import get_preset
 from realm_jax.train.config import TrainConfig
@@ -14,4 +20,5 @@ def get_config() -> TrainConfig:
       ict_remove_prob=0.9,
       checkpoint_every=1000,
       log_every=100,
+      init="required:BERT-base weights (realm-jax convert hf --kind bert --path bert-base-uncased/ --out URI)",
   )

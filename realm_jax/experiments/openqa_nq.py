@@ -1,8 +1,8 @@
 """Open-QA fine-tuning on NaturalQuestions-Open with the REALM paper's settings.
 
 lr 1e-5, reader beam 5, retriever beam 5000 (ORQA), query 64 / block 288 / reader 320 tokens, BERT-base.
-Set `train_questions` to the NQ-Open train JSONL/TSV and `init` to the pre-trained REALM root
-(or converted weights); `nq-test` is evaluated at the end.
+Set `train_questions` to the NQ-Open train JSONL/TSV (a path or gs:// URI) and `init` to the
+pre-trained REALM run's storage root (or converted weights); `nq-test` is evaluated at the end.
 """
 
 from realm_jax.config import get_preset
@@ -20,4 +20,5 @@ def get_config() -> FinetuneConfig:
       num_train_steps=20_000,
       checkpoint_every=1000,
       log_every=50,
+      init="required:the pre-trained REALM run's storage root (or converted REALM weights)",
   )

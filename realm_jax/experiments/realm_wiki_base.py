@@ -2,8 +2,13 @@
 
 BERT-base towers (shared query/document embedder), batch 512, lr 3e-5, 200k steps, 8 candidates
 (null + 7), salient-span masking; the index is refreshed by a separate refresher job about every
-500 steps (checkpoint_every), and the trainer swaps it in asynchronously. Start from ICT
-(`--set init=gs://.../ict/weights`) as the paper does.
+500 steps (checkpoint_every), and the trainer swaps it in asynchronously.
+
+Starting weights, as in the paper: the knowledge-augmented encoder from BERT-base (`init`: weights
+converted with `realm-jax convert hf --kind bert`), the retriever from the ICT warm start
+(`init_retriever`: the ICT run's storage root, whose newest checkpoint's retriever is loaded).
+The whole batch in one step does not fit any accelerator: the slice configs (realm_v4_32,
+realm_v5e_64, realm_wiki_gpu) run it as gradient-accumulation micro-batches.
 """
 
 from realm_jax.config import get_preset
@@ -26,4 +31,6 @@ def get_config() -> TrainConfig:
       checkpoint_every=500,
       keep_checkpoints=3,
       log_every=100,
+      init="required:BERT-base weights for the encoder (realm-jax convert hf --kind bert ... --out URI)",
+      init_retriever="required:the ICT run's storage root (its newest checkpoint's retriever)",
   )

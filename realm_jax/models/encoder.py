@@ -55,8 +55,9 @@ def marginal_log_likelihood(mlm_logits: jax.Array, targets: jax.Array, target_ma
       the joint probability of all targets of an example (the paper's span form).
 
   Returns:
-    (scalar loss, aux) where aux holds `log_p_z` `[B, C]` and `log_p_y_given_z` `[B, C]`
-    (the summed target log-likelihood under each candidate, for metrics).
+    (scalar loss, aux) where aux holds `log_p_z` `[B, C]`, `log_p_y_given_z` `[B, C]` (the summed
+    target log-likelihood under each candidate) and `token_log_p_y_given_z` `[B, C, P]` (per target
+    token, 0 where `target_mask` is 0), for metrics.
   """
   mask = target_mask.astype(jnp.float32)
   tok_lp = token_log_probs(mlm_logits, jnp.broadcast_to(targets[:, None, :], mlm_logits.shape[:-1]))
@@ -70,4 +71,4 @@ def marginal_log_likelihood(mlm_logits: jax.Array, targets: jax.Array, target_ma
   else:
     marginal = jax.nn.logsumexp(log_p_z[:, :, None] + tok_lp, axis=1)  # [B, P]
     loss = -(marginal * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-  return loss, {"log_p_z": log_p_z, "log_p_y_given_z": span_lp}
+  return loss, {"log_p_z": log_p_z, "log_p_y_given_z": span_lp, "token_log_p_y_given_z": tok_lp}

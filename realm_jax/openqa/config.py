@@ -19,8 +19,11 @@ class FinetuneConfig(train_config.RunConfig):
   model: RealmConfig = dataclasses.field(default_factory=lambda: get_preset("tiny", query_len=64))
   train_questions: str = ""  # question set: short name (nq-test, ...) or a JSONL/TSV path
   eval_questions: str = ""  # optional held-out set evaluated at the end
+  corpus: str | None = None  # the corpus's own URI (gs://bucket/corpora/wiki); None: <root>/<corpus_prefix>
   corpus_prefix: str = layout.CORPUS
-  init: str | None = None  # weights dir, pre-training storage root, or "minilm"; None = random
+  # Starting weights: a pre-training run's storage root (its newest checkpoint), a weights directory,
+  # "minilm", "random", or "required:<what>" (train/preflight.py; a base model never starts randomly).
+  init: str | None = None
   retriever_beam_size: int = 5000  # blocks retrieved for the retriever loss (ORQA: 5000)
   train_query_tower: bool = True  # False: reader-only fine-tuning (retrieval stays as initialised)
   max_answers: int = 8  # reference answers kept per question (token matching)
@@ -32,6 +35,7 @@ class FinetuneConfig(train_config.RunConfig):
 
   def __post_init__(self):
     self._check_run_fields(("retriever_beam_size", "max_answers", "max_answer_tokens"))
+    train_config.check_corpus_fields(self)
     check(self.retriever_beam_size >= self.model.reader_beam_size,
           f"retriever_beam_size ({self.retriever_beam_size}) must be >= model.reader_beam_size "
           f"({self.model.reader_beam_size}): the reader reads the top of the retrieved beam")

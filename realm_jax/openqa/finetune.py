@@ -20,6 +20,7 @@ from realm_jax.openqa import features, loading
 from realm_jax.openqa.config import FinetuneConfig
 from realm_jax.openqa.step import train_step, trained_params
 from realm_jax.storage import Storage
+from realm_jax.train import preflight
 from realm_jax.train.loop import TrainLoop
 from realm_jax.train.metrics import MetricsWriter
 from realm_jax.train.optimizer import bert_adamw, warmup_linear_decay
@@ -68,7 +69,7 @@ class FinetuneResult:
 
 
 class Finetuner(TrainLoop):
-  """Owns one fine-tuning run on a storage root (corpus in `<root>/<corpus_prefix>`, index in
+  """Owns one fine-tuning run on a storage root (corpus at `corpus` or `<root>/<corpus_prefix>`, index in
   `<root>/index`, checkpoints and metrics next to them). `run()` trains; `stop_after` ends early.
   `log_fn` also receives every log line (the lines always go to the `realm_jax.finetune` logger)."""
 
@@ -78,6 +79,7 @@ class Finetuner(TrainLoop):
                log_fn: Callable[[str], None] | None = None, stop_after: int | None = None,
                questions: list[QAExample] | None = None, index_version: str | None = None,
                on_step: Callable[[int, int], None] | None = None):
+    preflight.check_init(cfg, ("init",))  # before anything takes time
     super().__init__(cfg, storage, role="finetune", stop_after=stop_after, log_fn=log_fn, on_step=on_step)
     data = self.mesh.shape["data"]
     if cfg.batch_size % data or cfg.batch_size % jax.process_count():
@@ -85,7 +87,7 @@ class Finetuner(TrainLoop):
                         f"and the process count {jax.process_count()}")
 
     # -- corpus and questions ---------------------------------------------------------------------
-    self.tables = loading.load_corpus(self.storage, cfg.corpus_prefix, cfg.model)
+    self.tables = loading.load_corpus(self.storage, cfg.corpus_prefix, cfg.model, uri=cfg.corpus)
     self.tok = self.tables.tok
     if questions is None:
       if not cfg.train_questions:

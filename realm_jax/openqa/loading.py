@@ -6,14 +6,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import numpy as np
 from etils import epath
 from flax import nnx
 
-from realm_jax import weights
+from realm_jax import parallel, weights
 from realm_jax.config import RealmConfig
 from realm_jax.convert import hf as hfconv
-from realm_jax.data.corpus import CorpusReader
+from realm_jax.data.corpus import CorpusReader, open_corpus
 from realm_jax.errors import ConfigError, RealmError
 from realm_jax.models import KnowledgeAugEncoder, OpenQAModel
 from realm_jax.openqa import features
@@ -44,7 +45,7 @@ def init_openqa_model(cfg: RealmConfig, init: str | None, seed: int, log: Callab
   pre-training storage root (its newest checkpoint: retriever, and the encoder's BERT for the
   reader) or a weights directory (retriever and reader, or encoder -> reader)."""
   model = OpenQAModel(cfg, rngs=nnx.Rngs(seed))
-  if not init:
+  if not init or init == "random":
     log("initialised the Open-QA model randomly")
     return model
   if init == "minilm":
@@ -102,6 +103,7 @@ class Finetuned:
   index_version: str | None
   step: int | None
   corpus_prefix: str
+  corpus: str | None = None  # the corpus URI the model was fine-tuned on (None: under the root)
 
 
 def load_finetuned(storage_uri: str, step: int | None = None, weights_uri: str | None = None) -> Finetuned:
@@ -131,7 +133,8 @@ def load_finetuned(storage_uri: str, step: int | None = None, weights_uri: str |
   for part in ("retriever", "reader"):
     ckpt.restore_part(step, model, part)
   model.eval()
-  return Finetuned(model, cfg, meta.get("index_version"), step, meta["config"].get("corpus_prefix", "corpus"))
+  return Finetuned(model, cfg, meta.get("index_version"), step, meta["config"].get("corpus_prefix", "corpus"),
+                   meta["config"].get("corpus"))
 
 
 @dataclasses.dataclass
@@ -147,8 +150,10 @@ class CorpusTables:
     return len(self.blocks)
 
 
-def load_corpus(storage: Storage, prefix: str, cfg: RealmConfig) -> CorpusTables:
-  corpus = CorpusReader(storage, prefix)
+def load_corpus(storage: Storage, prefix: str, cfg: RealmConfig, uri: str | None = None) -> CorpusTables:
+  """The corpus at `uri` (its own location), else at `prefix` under `storage`, read into host memory
+  and checked against the model's vocabulary and block length."""
+  corpus = open_corpus(storage, uri, prefix)
   tok = corpus.tokenizer()
   if tok.vocab_size > cfg.bert.vocab_size:
     raise ConfigError(f"the corpus tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
@@ -161,13 +166,21 @@ def load_corpus(storage: Storage, prefix: str, cfg: RealmConfig) -> CorpusTables
 def ensure_index(storage: Storage, model: OpenQAModel, tables: CorpusTables, cfg: RealmConfig, mesh,
                  version: str | None, log: Callable[[str], None]) -> index_lib.LoadedIndex:
   """The index to retrieve from: `version` if given, else LATEST, else built now from the model's
-  document tower and published (the document embeddings stay frozen from then on)."""
-  if version is None and index_lib.latest_index_info(storage) is None:
-    log("no index published: embedding the corpus with the document tower (frozen from now on)")
+  document tower and published (the document embeddings stay frozen from then on).
+
+  Every process calls it. With several, process 0's view decides whether to build, process 0
+  embeds on its own devices (a computation over the global mesh would need every process) and
+  publishes, and the others wait at a barrier, as the trainer's bootstrap index does."""
+  missing = version is None and index_lib.latest_index_info(storage) is None
+  if parallel.agree("build" if missing else None) == "build":
     model.eval()
-    info = index_lib.build_and_publish_index(storage, model.retriever.doc_embedder, tables.reader, cfg, step=0,
-                                             mesh=mesh)
-    log(f"published index {info.version} ({info.num_blocks} blocks)")
+    embedder = parallel.local_copy(model.retriever.doc_embedder)  # every process takes part
+    if parallel.is_chief():
+      log("no index published: embedding the corpus with the document tower (frozen from now on)")
+      local = mesh if jax.process_count() == 1 else parallel.local_mesh()
+      info = index_lib.build_and_publish_index(storage, embedder, tables.reader, cfg, step=0, mesh=local)
+      log(f"published index {info.version} ({info.num_blocks} blocks)")
+    parallel.barrier("realm-jax-finetune-index-published")
   loaded = index_lib.load_index(storage, version, corpus=tables.reader)
   if loaded.info.dim != cfg.retriever_dim:
     raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model "
@@ -193,14 +206,16 @@ class AnsweringSetup:
 
 
 def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: str | None = None,
-                       index_version: str | None = None, corpus_prefix: str | None = None) -> AnsweringSetup:
+                       index_version: str | None = None, corpus_prefix: str | None = None,
+                       role: str = "evaluate") -> AnsweringSetup:
   """Model (checkpoint or weights), corpus and the index it was fine-tuned with (or `index_version`,
-  or LATEST), all checked against each other."""
-  from realm_jax.parallel import make_mesh
-
+  or LATEST), all checked against each other. Answering runs as one process (`role` names it in
+  the error on a multi-host machine)."""
+  parallel.initialize_distributed(role, multi_process=False)
   finetuned = load_finetuned(storage_uri, step, weights_uri)
   storage = Storage.open(storage_uri)
-  tables = load_corpus(storage, corpus_prefix or finetuned.corpus_prefix, finetuned.config)
+  tables = load_corpus(storage, corpus_prefix or finetuned.corpus_prefix, finetuned.config,
+                       uri=None if corpus_prefix else finetuned.corpus)
   version = index_version or finetuned.index_version
   if version is None and index_lib.latest_index_info(storage) is None:
     raise OpenQALoadError(f"{storage.uri(index_lib.PREFIX)}: no index published; fine-tune there first or "
@@ -209,4 +224,4 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
   if loaded.info.dim != finetuned.config.retriever_dim:
     raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model retrieves with "
                           f"{finetuned.config.retriever_dim}-d queries")
-  return AnsweringSetup(finetuned, tables, loaded, make_mesh())
+  return AnsweringSetup(finetuned, tables, loaded, parallel.make_mesh())

@@ -24,9 +24,9 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from realm_jax import layout, publish
+from realm_jax import layout, parallel, publish
 from realm_jax.config import RealmConfig
-from realm_jax.data.corpus import CorpusReader
+from realm_jax.data.corpus import open_corpus
 from realm_jax.errors import RealmError
 from realm_jax.logs import RunLog
 from realm_jax.models.retriever import Retriever
@@ -88,6 +88,7 @@ class Refresher:
   def __init__(self, storage: Storage | str, options: RefreshOptions = RefreshOptions(), *,
                config: TrainConfig | None = None, overrides: Sequence[str] = (),
                log_fn: Callable[[str], None] | None = None):
+    parallel.initialize_distributed("refresh", multi_process=False)  # one process, its own VM
     self.storage = storage if isinstance(storage, Storage) else Storage.open(storage)
     self.options = options
     self.log = RunLog("realm_jax.refresh", log_fn)
@@ -126,7 +127,7 @@ class Refresher:
   def _configure(self, step: int) -> None:
     """Takes the trainer's config from checkpoint `step` and builds what embedding needs."""
     cfg = self.cfg = self.stored_config(step)
-    self.corpus = CorpusReader(self.storage, cfg.corpus_prefix)
+    self.corpus = open_corpus(self.storage, cfg.corpus, cfg.corpus_prefix)
     self.keep = self.options.keep or cfg.keep_index_versions
     self.model = _RetrieverOnly(cfg.model, rngs=nnx.Rngs(0))
     nnx.update(self.model, jax.device_put(nnx.state(self.model), self.sharding))

@@ -17,7 +17,7 @@ import json
 import pathlib
 from typing import Any
 
-from realm_jax import layout, rules
+from realm_jax import layout, rules, slices
 from realm_jax.config import BertConfig, RealmConfig, check, check_choice, check_positive_ints, check_types, get_preset
 from realm_jax.errors import ConfigError
 
@@ -87,9 +87,12 @@ class TrainConfig(RunConfig):
 
   model: RealmConfig = dataclasses.field(default_factory=lambda: get_preset("tiny"))
   task: str = "realm"  # "realm" pre-training or "ict" warm start
-  # Data.
-  corpus_prefix: str = layout.CORPUS  # the knowledge corpus retrieved from, under the storage root
-  query_corpus_prefix: str | None = None  # where masked queries come from (None: the same corpus)
+  # Data. A corpus lives at its own URI, shared by the ICT, REALM and fine-tuning runs
+  # (`corpus=gs://bucket/corpora/wiki`), or under the run's storage root (`corpus_prefix`).
+  corpus: str | None = None  # the knowledge corpus's URI; None: <storage root>/<corpus_prefix>
+  corpus_prefix: str = layout.CORPUS  # the corpus under the storage root when `corpus` is None
+  query_corpus: str | None = None  # URI of the corpus masked queries come from (REALM with X = CC-News)
+  query_corpus_prefix: str | None = None  # ... or its prefix under the root (None and None: the corpus)
   masking: str = "salient"  # salient | random_token | random_span (REALM's ablations)
   max_masks: int = 10
   data_shards: int | None = None  # input shards; None = one per process. Fixing it makes the
@@ -111,10 +114,24 @@ class TrainConfig(RunConfig):
   index_poll_seconds: float = 5.0
   max_index_staleness: int | None = None  # steps; wait for a fresher index beyond this
   keep_index_versions: int = 3
-  init: str | None = None  # weights URI, or "minilm" for the packaged MiniLM BERT
+  # Starting weights (`train/preflight.py`): a weights directory (`realm-jax convert`), a training
+  # run's storage root (its newest checkpoint), "minilm" (the packaged MiniLM BERT), "random", or
+  # "required:<what>" (an experiment naming weights the user supplies; the run refuses to start
+  # until they are given). A base-size model with init=None refuses to start from random weights.
+  init: str | None = None
+  init_retriever: str | None = None  # the retriever's own starting weights (same forms): REALM from ICT
+  # Where the run is meant to run (`slices.py`): at start the trainer checks that it has the slice's
+  # devices and that the memory estimate (`train/memory.py`) fits the device memory.
+  target_slice: str | None = None
+  memory_check: bool = True  # False skips the memory-estimate check (it is an estimate)
 
   def __post_init__(self):
     object.__setattr__(self, "lr_mults", rules.rule_tuples(self.lr_mults))
+    if self.target_slice is not None:
+      object.__setattr__(self, "target_slice", slices.canonical(slices.get_slice(self.target_slice).name))
+    check_corpus_fields(self)
+    check(self.query_corpus is None or self.query_corpus_prefix is None,
+          f"set query_corpus ({self.query_corpus!r}) or query_corpus_prefix ({self.query_corpus_prefix!r}), not both")
     self._check_run_fields(("grad_accum_steps", "max_masks", "sync_refresh_every", "keep_index_versions"))
     check_choice(self, "task", _TASKS)
     check_choice(self, "masking", _MASKING)
@@ -124,6 +141,18 @@ class TrainConfig(RunConfig):
           f"batch_size ({self.batch_size}) must be divisible by grad_accum_steps ({self.grad_accum_steps})")
     check(0.0 <= self.ict_remove_prob <= 1.0, f"ict_remove_prob must be in [0, 1], got {self.ict_remove_prob}")
     rules.check_lr_mults(self.lr_mults)
+
+
+REQUIRED = "required:"  # `init="required:BERT-base weights ..."`: the experiment names what the user must give
+
+
+def check_corpus_fields(cfg: Any) -> None:
+  """`corpus` (a URI) and a non-default `corpus_prefix` name the same thing: one of them only."""
+  check(cfg.corpus is None or cfg.corpus_prefix == layout.CORPUS,
+        f"set corpus ({cfg.corpus!r}) or corpus_prefix ({cfg.corpus_prefix!r}), not both")
+  if cfg.corpus is not None:
+    check(bool(cfg.corpus.strip().rstrip("/")) and not cfg.corpus.rstrip("/").endswith(":/"),
+          f"corpus must be a URI of the corpus directory (gs://bucket/corpora/wiki or a path), got {cfg.corpus!r}")
 
 
 def flat_fields(cfg: Any) -> dict[str, Any]:

@@ -46,7 +46,7 @@ class TrainLoop:
 
   def __init__(self, cfg: Any, storage: Storage | str, *, role: str, stop_after: int | None,
                log_fn: Callable[[str], None] | None, on_step: Callable[[int, int], None] | None):
-    parallel.initialize_distributed()
+    parallel.initialize_distributed(role)
     self.cfg, self.stop_after = cfg, stop_after
     self.on_step = on_step  # (step, last step of this run) after every step: progress bars
     self.is_chief = parallel.is_chief()

@@ -72,14 +72,21 @@ def realm_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: DeviceCor
 
 def realm_metrics(logits, scores, aux, batch, ids, loss) -> dict[str, jax.Array]:
   """MLM accuracy of the marginal prediction, retrieval utility vs the null document, p(z|x)
-  entropy, and recall of a known gold block where the batch names one (`gold_block_id` >= 0)."""
+  entropy, and recall of a known gold block where the batch names one (`gold_block_id` >= 0).
+
+  `retrieval_utility` is the original REALM code's: per masked token, the marginal log-likelihood
+  log sum_z p(z|x) p(y|z,x) minus the log-likelihood given the null document alone, averaged over
+  masked tokens. `top1_utility` is per example: the target log-likelihood given the top-scoring
+  retrieved block minus that given the null document."""
   w = batch["mlm_weights"]
   log_p_z = aux["log_p_z"]  # [B, C]
   marginal = jax.nn.logsumexp(log_p_z[:, :, None, None] + jax.nn.log_softmax(logits, -1), axis=1)  # [B, M, V]
   correct = (jnp.argmax(marginal, -1) == batch["mlm_targets"]).astype(jnp.float32)
   lp = aux["log_p_y_given_z"]  # [B, C], candidate 0 is the null document
   top1 = 1 + jnp.argmax(scores[:, 1:], axis=-1)
-  utility = jnp.take_along_axis(lp, top1[:, None], axis=1)[:, 0] - lp[:, 0]
+  top1_utility = jnp.take_along_axis(lp, top1[:, None], axis=1)[:, 0] - lp[:, 0]
+  tok_lp = aux["token_log_p_y_given_z"]  # [B, C, M]
+  token_utility = jax.nn.logsumexp(log_p_z[:, :, None] + tok_lp, axis=1) - tok_lp[:, 0]  # [B, M]
   has_target = (w.sum(-1) > 0).astype(jnp.float32)
   entropy = -(jnp.exp(log_p_z) * log_p_z).sum(-1)
   gold = batch.get("gold_block_id", jnp.full(ids.shape[:1], -1, jnp.int32))
@@ -89,7 +96,8 @@ def realm_metrics(logits, scores, aux, batch, ids, loss) -> dict[str, jax.Array]
   return {
       "loss": loss,
       "mlm_accuracy": (correct * w).sum() / jnp.maximum(w.sum(), 1.0),
-      "retrieval_utility": (utility * has_target).sum() / n,
+      "retrieval_utility": (token_utility * w).sum() / jnp.maximum(w.sum(), 1.0),
+      "top1_utility": (top1_utility * has_target).sum() / n,
       "p_z_entropy": (entropy * has_target).sum() / n,
       "null_doc_prob": (jnp.exp(log_p_z[:, 0]) * has_target).sum() / n,
       "gold_recall": hit.sum() / jnp.maximum(has_gold.sum(), 1.0),

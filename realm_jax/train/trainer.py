@@ -14,16 +14,18 @@ from typing import Callable
 import jax
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from realm_jax import layout, parallel, weights
 from realm_jax.convert import hf as hfconv
-from realm_jax.data.corpus import CorpusReader
+from realm_jax.data.corpus import open_corpus
 from realm_jax.errors import ConfigError
 from realm_jax.models import RealmModel
 from realm_jax.retrieval import index as index_lib, mips
 from realm_jax.storage import Storage
-from realm_jax.train import device_corpus, inputs, realm_step
+from realm_jax.train import device_corpus, inputs, preflight, realm_step
+from realm_jax.train.checkpoints import Checkpoints
 from realm_jax.train.config import TrainConfig
 from realm_jax.train.index_watcher import ActiveIndex, IndexWatcher
 from realm_jax.train.loop import TrainLoop
@@ -31,14 +33,36 @@ from realm_jax.train.metrics import MetricsWriter
 from realm_jax.train.optimizer import bert_adamw, warmup_linear_decay
 
 
+def load_parts(uri: str, model: nnx.Module, parts: list[str] | None, field: str = "init") -> str:
+  """Restores `parts` (default: all the model's) from a weights directory, or from the newest
+  checkpoint of a training run's storage root; returns what was loaded, for the log."""
+  root = epath.Path(uri)
+  if (root / layout.CHECKPOINTS).exists():
+    ckpt = Checkpoints(str(root / layout.CHECKPOINTS), read_only=True)
+    step = ckpt.latest_step()
+    if step is None:
+      raise ConfigError(f"{field}={uri}: its {layout.CHECKPOINTS}/ holds no finished checkpoint")
+    parts = parts or weights.parts_of(model)
+    for part in parts:
+      ckpt.restore_part(step, model, part)
+    return f"{', '.join(parts)} from checkpoint step {step} of {uri}"
+  return f"{', '.join(weights.load_weights(uri, model, parts))} from {uri}"
+
+
 def init_model(cfg: TrainConfig, log: Callable[[str], None] = lambda message: None) -> RealmModel:
-  """A RealmModel from the config's seed, initialised from `cfg.init` (weights URI or "minilm")."""
+  """A RealmModel from the config's seed, initialised from `cfg.init` ("minilm", "random", a weights
+  directory or a run's storage root), then its retriever from `cfg.init_retriever` when set."""
   model = RealmModel(cfg.model, rngs=nnx.Rngs(cfg.seed))
   if cfg.init == "minilm":
     log(hfconv.init_from_minilm(model, cfg.model.bert.num_layers))
-  elif cfg.init:
-    parts = weights.load_weights(cfg.init, model)
-    log(f"initialised {', '.join(parts)} from {cfg.init}")
+  elif cfg.init in (None, "random"):
+    log(f"initialised the model randomly (seed {cfg.seed})")
+  else:
+    log(f"initialised {load_parts(cfg.init, model, None)}")
+  if cfg.init_retriever == "minilm":
+    log(hfconv.init_from_minilm(model.retriever, cfg.model.bert.num_layers))
+  elif cfg.init_retriever not in (None, "random"):
+    log(f"initialised {load_parts(cfg.init_retriever, model, ['retriever'], 'init_retriever')}")
   return model
 
 
@@ -58,11 +82,12 @@ class Trainer(TrainLoop):
   def __init__(self, cfg: TrainConfig, storage: Storage | str, *, resume: bool = False,
                log_fn: Callable[[str], None] | None = None, stop_after: int | None = None,
                write_done: bool = True, on_step: Callable[[int, int], None] | None = None):
+    preflight.check_init(cfg)  # before anything takes time: named weights given, no base model from random
     super().__init__(cfg, storage, role="train", stop_after=stop_after, log_fn=log_fn, on_step=on_step)
     self.write_done = write_done
 
     # -- data ------------------------------------------------------------------------------------
-    self.corpus = CorpusReader(self.storage, cfg.corpus_prefix)
+    self.corpus = open_corpus(self.storage, cfg.corpus, cfg.corpus_prefix)
     self.tok = self.corpus.tokenizer()
     if self.tok.vocab_size > cfg.model.bert.vocab_size:
       raise ConfigError(f"the corpus tokenizer has {self.tok.vocab_size} tokens but the model's "
@@ -70,10 +95,14 @@ class Trainer(TrainLoop):
     if self.corpus.block_len > cfg.model.block_len:
       raise ConfigError(f"corpus blocks are up to {self.corpus.block_len} tokens, "
                         f"model.block_len is {cfg.model.block_len}")
+    # The declared slice and the memory estimate, before the model, the device corpus or an index.
+    preflight.check_fits(cfg, jax.device_count(), self.corpus.num_blocks, log=self.log)
     self.blocks = inputs.BlockSource(self.corpus)
-    self.same_corpus = cfg.query_corpus_prefix in (None, cfg.corpus_prefix)
-    queries = (self.blocks if self.same_corpus
-               else inputs.BlockSource(CorpusReader(self.storage, cfg.query_corpus_prefix)))
+    self.same_corpus = cfg.query_corpus is None and (
+        cfg.query_corpus_prefix is None or (cfg.corpus is None and cfg.query_corpus_prefix == cfg.corpus_prefix))
+    query_corpus = self.corpus if self.same_corpus else open_corpus(self.storage, cfg.query_corpus,
+                                                                     cfg.query_corpus_prefix)
+    queries = self.blocks if self.same_corpus else inputs.BlockSource(query_corpus)
     self.micro_batch = cfg.batch_size // cfg.grad_accum_steps
     if self.micro_batch % self.mesh.shape["data"]:
       raise ConfigError(f"the micro-batch ({self.micro_batch} = batch_size / grad_accum_steps) must be divisible "
@@ -85,7 +114,10 @@ class Trainer(TrainLoop):
     model = init_model(cfg, self.log)
     model.train()
     self.schedule = warmup_linear_decay(cfg.learning_rate, cfg.num_train_steps, cfg.warmup_steps)
-    tx = bert_adamw(self.schedule, cfg.weight_decay, cfg.clip_norm, lr_mults=cfg.lr_mults)
+    # The ICT loss never reads the encoder: BERT's optimizer updates only variables with a gradient,
+    # so neither does ours (without the rule, weight decay would shrink the encoder on every step).
+    lr_mults = ((r"^encoder/", 0.0),) + tuple(cfg.lr_mults) if cfg.task == "ict" else cfg.lr_mults
+    tx = bert_adamw(self.schedule, cfg.weight_decay, cfg.clip_norm, lr_mults=lr_mults)
     if cfg.grad_accum_steps > 1:
       tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
     self._place(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
@@ -100,8 +132,8 @@ class Trainer(TrainLoop):
       state = per_process[jax.process_index()]
       saved = {s.get("config", {}).get("num_records") for s in state.get("shards", [])}
       if saved and saved != {len(queries)}:
-        prefix = cfg.corpus_prefix if self.same_corpus else cfg.query_corpus_prefix
-        raise ConfigError(f"{self.storage.uri(prefix)}: the corpus holds {len(queries)} blocks now, checkpoint step "
+        where = query_corpus.storage.uri(query_corpus.prefix)
+        raise ConfigError(f"{where}: the corpus holds {len(queries)} blocks now, checkpoint step "
                           f"{self.step} was trained on one of {', '.join(map(str, sorted(saved)))} blocks (it was "
                           "rebuilt since): resume with the corpus it was trained on, or start a new run on a fresh "
                           "storage root")

@@ -6,7 +6,8 @@ queries come from a separate corpus ("The hometown of X is [MASK]." / "X grew up
 the masked city can only be recovered by retrieving that person's block. The run starts from a
 *random* retriever (tiny towers) and an encoder that can read (`tests/helpers/reading.py`, taught
 on 300 other invented people), and measures what REALM pre-training does to recall@8 of the fact
-block and to the retrieval utility over the null document.
+block and to the top-1 retrieval utility over the null document (`top1_utility`: the target
+log-likelihood given the best-scored retrieved block minus that given the null document).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def run(workdir: str | pathlib.Path, recipe: Recipe = Recipe()) -> Result:
   before = recall_at(trainer.model, root, people)
   hist = trainer.run().history
   after = recall_at(trainer.model, root, people)
-  utility = [h["retrieval_utility"] for h in hist]
+  utility = [h["top1_utility"] for h in hist]  # top-1 block vs null document, per example
   accuracy = [h["mlm_accuracy"] for h in hist]
   return Result(recipe, float(before.mean()), float(after.mean()), reading,
                 float(np.mean(utility[:10])), float(np.mean(utility[-10:])),
