@@ -16,12 +16,19 @@ Layout under `<root>/<prefix>/` (default prefix `corpus`):
   tokenizer/...         the tokenizer's own files, so the corpus is self-describing.
   manifest.json         written last: num_blocks, block_len, tokenizer spec, tagger, shards with
                         block ranges, sizes and sha256, build statistics.
+
+`--overwrite` builds the new corpus beside the old one: its shards are `shard-<tag>-NNNNN.npz` and
+its tokenizer `tokenizer-<tag>/` (a fresh tag per build), the old corpus stays readable, and only
+the manifest, replaced atomically at the end, switches readers to the new one; then the old
+corpus's files go. A build that fails (bad input, full disk) removes its own files and leaves the
+old corpus exactly as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -127,15 +134,18 @@ def _open_storage(storage):
   return Storage.open(storage)
 
 
-def _shard_name(i: int) -> str:
-  return f"shard-{i:05d}.npz"
+def _shard_name(i: int, tag: str = "") -> str:
+  return f"shard-{tag}-{i:05d}.npz" if tag else f"shard-{i:05d}.npz"
+
+
+_OWN_FILE = re.compile(r"^(shard-(?:[0-9a-f]{8}-)?\d+\.npz|tokenizer(?:-[0-9a-f]{8})?/.+)$")
 
 
 class _ShardWriter:
   """Numbers blocks consecutively and writes a shard each time `shard_blocks` are buffered."""
 
-  def __init__(self, storage, prefix: str, shard_blocks: int):
-    self.storage, self.prefix, self.shard_blocks = storage, prefix, shard_blocks
+  def __init__(self, storage, prefix: str, shard_blocks: int, tag: str = ""):
+    self.storage, self.prefix, self.shard_blocks, self.tag = storage, prefix, shard_blocks, tag
     self.buffer: list[Block] = []
     self.shards: list[dict] = []
     self.next_id = 0
@@ -151,7 +161,7 @@ class _ShardWriter:
     if not self.buffer:
       return
     data = encode_shard(self.buffer)
-    name = _shard_name(len(self.shards))
+    name = _shard_name(len(self.shards), self.tag)
     self.storage.write_bytes(f"{self.prefix}/{name}", data)
     self.shards.append({"path": name, "first_block": self.buffer[0].block_id,
                         "num_blocks": len(self.buffer), "size": len(data),
@@ -192,10 +202,11 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
 
   Streams documents in batches of `doc_batch` and writes each shard as it fills, so memory is
   bounded by one shard plus one batch. The manifest is written last; a failed build removes
-  the shards it wrote, so no half-written corpus is ever readable. `workers` processes strip
-  MediaWiki markup (the slowest step for dumps). `title_spans`: mentions of the article's title
-  are salient spans too (where the tagger found nothing overlapping them). `progress(blocks,
-  documents)` is called after each document.
+  the files it wrote, so no half-written corpus is ever readable; with `overwrite` the new corpus
+  is built beside the old one, which stays intact until the new manifest replaces its own.
+  `workers` processes strip MediaWiki markup (the slowest step for dumps). `title_spans`: mentions
+  of the article's title are salient spans too (where the tagger found nothing overlapping them).
+  `progress(blocks, documents)` is called after each document.
   """
   storage = _open_storage(storage)
   tok = load_tokenizer(tokenizer)
@@ -206,12 +217,14 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
     raise CorpusError(f"shard_blocks must be >= 1, got {shard_blocks}")
   prefix = prefix.strip("/")
   manifest_path = f"{prefix}/{MANIFEST}"
+  build_tag = ""
   if storage.exists(manifest_path):
     if not overwrite:
       raise CorpusError(f"{storage.uri(manifest_path)} exists: a corpus is already built there "
                         "(pass --overwrite to replace it)")
-    storage.delete(manifest_path)  # readers stop trusting the old shards before any is replaced.
-  writer = _ShardWriter(storage, prefix, shard_blocks)
+    build_tag = secrets.token_hex(4)  # new files beside the old corpus's; the manifest swap switches readers
+  tok_dir = f"{prefix}/tokenizer-{build_tag}" if build_tag else f"{prefix}/tokenizer"
+  writer = _ShardWriter(storage, prefix, shard_blocks, build_tag)
   stats = {"documents": 0, "sentences": 0, "sentences_with_salient": 0, "salient_spans": 0,
            "body_tokens": 0, "split_sentences": 0}
   t0, c0 = time.perf_counter(), time.process_time()
@@ -245,31 +258,35 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
     writer.flush()
     if writer.next_id == 0:
       raise CorpusError(f"empty corpus: the documents of {', '.join(map(str, inputs))} hold no tokens")
+    tok_files = {}
+    for name, data in sorted(tok.files().items()):
+      storage.write_bytes(f"{tok_dir}/{name}", data)
+      tok_files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
   except BaseException:
-    for shard in writer.shards:  # leave nothing half-built behind.
+    for shard in writer.shards:  # leave nothing half-built behind (an old corpus stays as it was).
       storage.delete(f"{prefix}/{shard['path']}")
+    storage.delete(tok_dir)
     raise
   seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-  tok_files = {}
-  for name, data in sorted(tok.files().items()):
-    storage.write_bytes(f"{prefix}/tokenizer/{name}", data)
-    tok_files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
   stats["seconds"] = round(seconds, 3)
   stats["cpu_seconds"] = round(cpu_seconds, 3)  # this process only (not --workers processes)
   stats["blocks_per_second"] = round(writer.next_id / max(seconds, 1e-9), 1)
+  tokenizer = {**tok.spec(), "files": tok_files}
+  if build_tag:
+    tokenizer["dir"] = tok_dir[len(prefix) + 1:]
   manifest = {
       "format": FORMAT, "version": VERSION, "num_blocks": writer.next_id, "block_len": block_len,
-      "tokenizer": {**tok.spec(), "files": tok_files}, "tagger": getattr(tag, "name", str(tagger)),
+      "tokenizer": tokenizer, "tagger": getattr(tag, "name", str(tagger)),
       "title_spans": title_spans,
       "shard_blocks": shard_blocks, "shards": writer.shards, "stats": stats,
       "inputs": sorted({str(p) for p in inputs if not isinstance(p, Document)}),
   }
-  storage.write_json(manifest_path, manifest)
-  keep = {s["path"] for s in writer.shards}
+  storage.write_json(manifest_path, manifest)  # atomic: readers switch from the old corpus here
+  keep = {s["path"] for s in writer.shards} | {f"{tokenizer.get('dir', 'tokenizer')}/{n}" for n in tok_files}
   for path in storage.list(prefix):
     name = path[len(prefix) + 1:]
-    if re.fullmatch(r"shard-\d+\.npz", name) and name not in keep:
-      storage.delete(path)  # shards of an older, larger corpus that was overwritten.
+    if _OWN_FILE.match(name) and name not in keep:
+      storage.delete(path)  # the replaced corpus's shards and tokenizer files.
   return manifest
 
 
@@ -350,10 +367,11 @@ class CorpusReader:
   def tokenizer(self) -> Tokenizer:
     """The tokenizer the corpus was built with (from its own files, checksums verified)."""
     files = {}
+    where = f"{self.prefix}/{self.manifest['tokenizer'].get('dir', 'tokenizer')}"
     for name, info in self.manifest["tokenizer"]["files"].items():
-      data = self.storage.read_bytes(f"{self.prefix}/tokenizer/{name}")
+      data = self.storage.read_bytes(f"{where}/{name}")
       if hashlib.sha256(data).hexdigest() != info["sha256"]:
-        raise CorpusError(f"{self.storage.uri(f'{self.prefix}/tokenizer/{name}')}: checksum mismatch")
+        raise CorpusError(f"{self.storage.uri(f'{where}/{name}')}: checksum mismatch")
       files[name] = data
     return tokenizer_from_files(files)
 

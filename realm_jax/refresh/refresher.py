@@ -32,7 +32,7 @@ from realm_jax.logs import RunLog
 from realm_jax.models.retriever import Retriever
 from realm_jax.retrieval import embed as embed_lib, index as index_lib
 from realm_jax.storage import Storage
-from realm_jax.train.checkpoints import Checkpoints
+from realm_jax.train.checkpoints import Checkpoints, CorruptCheckpoint
 from realm_jax.train.config import TrainConfig, apply_overrides, flat_fields
 
 
@@ -95,6 +95,7 @@ class Refresher:
     self.claimed, self.overrides = config, list(overrides)
     self.cfg: TrainConfig | None = None  # the trainer's, read from its first checkpoint we look at
     self._last_warning = ""
+    self._rejected: set[int] = set()  # checkpoint steps that failed verification: never retried
     self.mesh = embed_lib.default_mesh()
     self.sharding = NamedSharding(self.mesh, P())
     self.ckpt = Checkpoints(self.storage.uri(layout.CHECKPOINTS), read_only=True)
@@ -167,13 +168,21 @@ class Refresher:
     (re-embedding from scratch would waste that work; the next round takes the newest)."""
     forget_gcs_listings()
     self.ckpt.reload()
-    newer = [s for s in self.ckpt.all_steps() if s > self.index_step()]
+    newer = [s for s in self.ckpt.all_steps() if s > self.index_step() and s not in self._rejected]
+    while self.cfg is None and newer:
+      try:
+        self._configure(max(newer))
+      except CorruptCheckpoint as e:
+        self._reject(max(newer), e)
+        newer.remove(max(newer))
     if not newer:
       return None
-    if self.cfg is None:
-      self._configure(max(newer))
     staged = [s for s in newer if self._staged(s)]
     return max(staged) if staged else max(newer)
+
+  def _reject(self, step: int, error: Exception) -> None:
+    self._rejected.add(step)
+    self.log.warning(f"refused checkpoint step {step}: {error}; skipping it")
 
   def done(self) -> bool:
     return self.storage.exists(layout.TRAINING_DONE)
@@ -193,6 +202,9 @@ class Refresher:
       self.ckpt.restore_part(step, self.model, "retriever", self.sharding)
     except RefreshError:
       raise
+    except CorruptCheckpoint as e:  # damaged, or being deleted by the trainer's retention right now
+      self._reject(step, e)
+      return None
     except Exception as e:  # pruned by the trainer's retention meanwhile, or half-deleted
       self.log.warning(f"checkpoint step {step}: cannot restore it ({type(e).__name__}: {e}); "
                        "looking again at the next poll")

@@ -32,6 +32,7 @@ from realm_jax import layout, publish
 from realm_jax.config import RealmConfig
 from realm_jax.errors import RealmError
 from realm_jax.retrieval import embed as embed_lib
+from realm_jax.storage import StorageError
 
 PREFIX = layout.INDEX
 WORK_PREFIX = layout.INDEX_WORK
@@ -142,37 +143,48 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
   there shard by shard. The staging files are deleted once the version is published. Raises
   `publish.PublishConflict` if LATEST already names a version at least as new.
   """
-  corpus_sha = corpus_fingerprint(corpus)
-  staging = staging_prefix(work_prefix, step, config, corpus_sha, dtype)
-  embed_fn = embed_fn or embed_lib.make_embed_fn(embedder, mesh, batch_size)
-  log.info("index for step %d: embedding %d blocks (%d shards) into %s", step, corpus.num_blocks,
-           corpus.num_shards, storage.uri(staging))
-  emb = embed_lib.embed_corpus(
-      corpus, embed_fn, storage, staging, block_len=corpus.block_len, dtype=dtype,
-      identity={"step": step, "config_fingerprint": config.fingerprint(), "corpus_sha256": corpus_sha},
-      progress=progress)
-  log.info("index for step %d: embedded %d blocks in %.1f s (%d shards were already staged)",
-           step, emb.embedded_blocks, emb.seconds, len(emb.paths) - emb.embedded_shards)
-  sources = {f"{EMB_DIR}/{embed_lib.shard_name(i)}": p for i, p in enumerate(emb.paths)}
-  with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
-    local, scann_seconds = {}, 0.0
-    if with_scann:
-      from realm_jax.retrieval import scann_index
+  version = publish.new_version(step)
+  try:
+    corpus_sha = corpus_fingerprint(corpus)
+    staging = staging_prefix(work_prefix, step, config, corpus_sha, dtype)
+    embed_fn = embed_fn or embed_lib.make_embed_fn(embedder, mesh, batch_size)
+    log.info("index for step %d: embedding %d blocks (%d shards) into %s", step, corpus.num_blocks,
+             corpus.num_shards, storage.uri(staging))
+    emb = embed_lib.embed_corpus(
+        corpus, embed_fn, storage, staging, block_len=corpus.block_len, dtype=dtype,
+        identity={"step": step, "config_fingerprint": config.fingerprint(), "corpus_sha256": corpus_sha},
+        progress=progress)
+    log.info("index for step %d: embedded %d blocks in %.1f s (%d shards were already staged)",
+             step, emb.embedded_blocks, emb.seconds, len(emb.paths) - emb.embedded_shards)
+    sources = {f"{EMB_DIR}/{embed_lib.shard_name(i)}": p for i, p in enumerate(emb.paths)}
+    with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
+      local, scann_seconds = {}, 0.0
+      if with_scann:
+        from realm_jax.retrieval import scann_index
+        t0 = time.perf_counter()
+        searcher = scann_index.build_searcher(emb.load(storage), scann_config or scann_index.ScannConfig())
+        local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"),
+                                       SCANN_DIR)
+        scann_seconds = time.perf_counter() - t0
+        log.info("index for step %d: ScaNN searcher built in %.1f s", step, scann_seconds)
+      info = IndexInfo(
+          version, step, corpus_sha, config.fingerprint(), emb.num_blocks, emb.dim, dtype,
+          tuple((name, rows) for name, rows in zip(sources, emb.rows)), with_scann,
+          {"embed_seconds": round(emb.seconds, 3), "scann_seconds": round(scann_seconds, 3)},
+          datetime.datetime.now(datetime.timezone.utc).isoformat())
       t0 = time.perf_counter()
-      searcher = scann_index.build_searcher(emb.load(storage), scann_config or scann_index.ScannConfig())
-      local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"),
-                                     SCANN_DIR)
-      scann_seconds = time.perf_counter() - t0
-      log.info("index for step %d: ScaNN searcher built in %.1f s", step, scann_seconds)
-    version = publish.new_version(step)
-    info = IndexInfo(
-        version, step, corpus_sha, config.fingerprint(), emb.num_blocks, emb.dim, dtype,
-        tuple((name, rows) for name, rows in zip(sources, emb.rows)), with_scann,
-        {"embed_seconds": round(emb.seconds, 3), "scann_seconds": round(scann_seconds, 3)},
-        datetime.datetime.now(datetime.timezone.utc).isoformat())
-    t0 = time.perf_counter()
-    publish.publish(storage, prefix, version, _StagedFiles(storage, sources, local),
-                    info.to_metadata())
+      publish.publish(storage, prefix, version, _StagedFiles(storage, sources, local),
+                      info.to_metadata(), one_per_step=True)
+  except FileNotFoundError:  # staged embeddings vanished while this publisher embedded or uploaded
+    latest = latest_index_info(storage, prefix)
+    if latest is None or latest.step < step:
+      raise
+    # Another publisher of this step (a second refresher) won and cleaned the staged embeddings
+    # both were using: what this one uploaded is its own version that nothing names; removed.
+    storage.delete(f"{prefix}/{version}")
+    raise publish.PublishConflict(f"{storage.uri(prefix)}/LATEST already names {latest.version} (step "
+                                  f"{latest.step}), published while this publisher built {version}; the staged "
+                                  "embeddings are gone and its partial upload is removed") from None
   info = dataclasses.replace(info, timings={**info.timings,
                                             "publish_seconds": round(time.perf_counter() - t0, 3)})
   log.info("index for step %d: published %s", step, storage.uri(f"{prefix}/{version}"))
@@ -184,11 +196,16 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
 
 
 def _clean_staging(storage, work_prefix: str, step: int) -> None:
-  """Deletes staged embeddings of this step and older ones (left by crashed runs)."""
+  """Deletes staged embeddings of this step and older ones (left by crashed runs). Housekeeping
+  after a publish: a directory another publisher of the same step is still writing into cannot be
+  removed now; it is left (with a log line) for the next publish to clean."""
   for name in storage.listdir(work_prefix.strip("/")):
     head = name.split("-", 1)[0]
     if head.isdigit() and int(head) <= step:
-      storage.delete(f"{work_prefix.strip('/')}/{name}")
+      try:
+        storage.delete(f"{work_prefix.strip('/')}/{name}")
+      except StorageError as e:
+        log.warning("index: staged embeddings not cleaned yet (%s)", e)
 
 
 # ---------------------------------------------------------------------------------------------
