@@ -24,6 +24,29 @@ def check(cond: bool, msg: str) -> None:
     raise ConfigError(msg)
 
 
+_SIMPLE_TYPES = {"int": (int, "an int"), "float": ((int, float), "a number"), "bool": (bool, "true or false"),
+                 "str": (str, "a string")}
+
+
+def check_types(cfg: Any) -> None:
+  """Every field of the config dataclass `cfg` declared `int`, `float`, `bool` or `str` (or one
+  of those `| None`) holds a value of that type (bool is not an int here): `--set
+  learning_rate=fast` is a ConfigError naming the field, not a TypeError deep inside."""
+  for field in dataclasses.fields(cfg):
+    kinds = [k.strip() for k in str(field.type).split("|")]
+    optional = "None" in kinds
+    kinds = [k for k in kinds if k != "None"]
+    if len(kinds) != 1 or kinds[0] not in _SIMPLE_TYPES:
+      continue
+    types, words = _SIMPLE_TYPES[kinds[0]]
+    value = getattr(cfg, field.name)
+    if value is None and optional:
+      continue
+    if not isinstance(value, types) or (isinstance(value, bool) and kinds[0] != "bool"):
+      raise ConfigError(f"{type(cfg).__name__}.{field.name} must be {words}"
+                        f"{' or null' if optional else ''}, got {value!r}")
+
+
 def check_positive_ints(cfg: Any, names: tuple[str, ...]) -> None:
   """Every field in `names` of the config dataclass `cfg` is an int > 0."""
   for name in names:
@@ -56,6 +79,7 @@ class BertConfig:
   dtype: str = "float32"  # compute dtype; parameters are always float32.
 
   def __post_init__(self):
+    check_types(self)
     check_positive_ints(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                                "max_position_embeddings", "type_vocab_size"))
     check(self.hidden_size % self.num_heads == 0,
@@ -86,6 +110,7 @@ class RealmConfig:
   def __post_init__(self):
     if isinstance(self.bert, dict):  # from JSON
       object.__setattr__(self, "bert", BertConfig(**self.bert))
+    check_types(self)
     check_positive_ints(self, ("retriever_dim", "query_len", "block_len", "reader_len", "num_candidates",
                                "span_hidden_size", "max_span_width", "reader_beam_size"))
     check_choice(self, "marginal", _MARGINALS)

@@ -9,6 +9,7 @@ demo's console UI, or a test reading the lines back).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -19,14 +20,49 @@ LEVELS = ("debug", "info", "warning", "error")
 QUIET_LIBRARIES = ("absl", "orbax", "jax._src.xla_bridge")
 
 
+class _OneLine(logging.Filter):
+  """A library's error record as one line: no traceback, at most 300 characters. Orbax logs every
+  failure of its background threads with the whole traceback (a full disk during a checkpoint: a
+  hundred of them); the same failure reaches the command as one error line naming the path."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info or record.exc_text or record.stack_info:
+      record.exc_info, record.exc_text, record.stack_info = None, None, None
+    message = record.getMessage().splitlines()
+    text = message[0] if message else ""
+    record.msg, record.args = (text[:300] + " ..." if len(text) > 300 or len(message) > 1 else text), None
+    return True
+
+
+_ONE_LINE = _OneLine()
+
+
+def _unraisable(unraisable) -> None:
+  """sys.unraisablehook: drops the "Event loop is closed" RuntimeErrors that tensorstore's
+  completion callbacks raise when orbax has already given up on a failed write (a full disk: about
+  two hundred tracebacks, each a duplicate of the failure the command reports in one line);
+  everything else goes to Python's default hook."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    logging.getLogger("realm_jax").debug("dropped a late callback of a failed asynchronous write: %s", exc)
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def configure(level: str = "info") -> None:
   """Timestamped lines on stderr: realm_jax's at `level`, other libraries' warnings and up (their
-  notes only at `debug`). Called once by the CLI; library code never calls it."""
+  notes only at `debug`, and their errors in one line each unless at `debug`). Called once by the
+  CLI; library code never calls it."""
   numeric = getattr(logging, level.upper())
   logging.basicConfig(level=logging.WARNING, format=FORMAT, datefmt=DATE_FORMAT)
   logging.getLogger("realm_jax").setLevel(numeric)
   for name in QUIET_LIBRARIES:
-    logging.getLogger(name).setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
+    logger.removeFilter(_ONE_LINE)
+    if numeric > logging.DEBUG:
+      logger.addFilter(_ONE_LINE)
+  sys.unraisablehook = _unraisable if numeric > logging.DEBUG else sys.__unraisablehook__
 
 
 class RunLog:

@@ -187,33 +187,37 @@ def _write_file(storage: Storage, path: str, source: FileSource) -> ObjectInfo:
 def publish(storage: Storage, prefix: str, version: str, files: Mapping[str, FileSource],
             metadata: Mapping[str, Any] | None = None, *,
             progress: Callable[[str], None] | None = None,
-            allow_older: bool = False) -> Manifest:
+            allow_older: bool = False, one_per_step: bool = False) -> Manifest:
   """Publish `files` (name -> bytes or local file path) as `<prefix>/<version>/` and point
   `<prefix>/LATEST` at it.
 
   Order: every file create-only, then manifest.json, then LATEST by compare-and-swap against the
   generation read at the start. `progress(step)` is called after each write ("file:<name>",
   "manifest", "latest"). Raises PublishConflict if LATEST moved meanwhile, the version exists, or
-  (unless `allow_older`) the version does not sort after the one LATEST names.
+  (unless `allow_older`) the version does not sort after the one LATEST names; with
+  `one_per_step`, also when LATEST names a version of the same step (another suffix), so that two
+  publishers racing on one step leave one version of it.
   Several processes publish one version by splitting it: `begin` (one process), `upload` (each its
   own files), `commit` (one process, with everyone's entries).
   """
-  expected = begin(storage, prefix, version, metadata, allow_older=allow_older)
+  expected = begin(storage, prefix, version, metadata, allow_older=allow_older, one_per_step=one_per_step)
   entries = upload(storage, prefix, version, files, progress=progress)
   return commit(storage, prefix, version, entries, metadata, expected=expected, progress=progress)
 
 
 def begin(storage: Storage, prefix: str, version: str, metadata: Mapping[str, Any] | None = None, *,
-          allow_older: bool = False) -> int:
-  """Checks that `version` may be published (PublishConflict otherwise); returns the generation of
-  LATEST that `commit` will compare-and-swap against."""
+          allow_older: bool = False, one_per_step: bool = False) -> int:
+  """Checks that `version` may be published (PublishConflict otherwise; `allow_older` and
+  `one_per_step` as in `publish`); returns the generation of LATEST that `commit` will
+  compare-and-swap against (so a version of the same step published meanwhile fails the swap)."""
   key = version_key(version)
   try:
     json.dumps(dict(metadata or {}), allow_nan=False)
   except (TypeError, ValueError) as e:
     raise PublishError(f"metadata for {version} is not JSON-serialisable: {e}") from None
   pointer, expected = _read_pointer(storage, prefix)
-  if pointer and not allow_older and key <= version_key(pointer["version"]):
+  if pointer and not allow_older and (key <= version_key(pointer["version"]) or (
+      one_per_step and key[0] == version_key(pointer["version"])[0])):
     raise PublishConflict(f"{storage.uri(_join(prefix, LATEST))} already names "
                           f"{pointer['version']}, which is not older than {version}")
   vdir = _join(prefix, version)
@@ -262,9 +266,12 @@ def commit(storage: Storage, prefix: str, version: str, entries: Mapping[str, Fi
     storage.write_json(_join(prefix, LATEST), latest, if_generation_match=expected)
   except (GenerationMismatch, ObjectExists):
     now, _ = _read_pointer(storage, prefix)
+    # The version is ours and nothing names it: removed, so that a lost race (two publishers of
+    # the same step) leaves one version, not a complete one beside it that no LATEST ever named.
+    storage.delete(vdir)
     raise PublishConflict(
         f"{storage.uri(_join(prefix, LATEST))} changed while publishing {version} (now names "
-        f"{now and now['version']}); {version} is complete but not published") from None
+        f"{now and now['version']}); {version} was complete but not published, and is removed") from None
   if progress:
     progress("latest")
   return manifest

@@ -266,12 +266,16 @@ def test_ict_removes_the_sentence_about_90_percent_of_the_time():
   assert 0.87 < removed / n < 0.93
 
 
-def test_ict_never_empties_a_one_sentence_block():
+def test_ict_drops_a_one_sentence_block_whose_sentence_would_be_removed():
+  """ORQA drops the example rather than keep the sentence in its block (a trivial lexical match)."""
   block = make_block(9, "Solo", "Ada Lovelace wrote the first program in 1843.")
   for seed in range(20):
-    ex = masking.ict_example(block, np.random.default_rng(seed), SPECIAL, remove_prob=1.0)
+    assert masking.ict_example(block, np.random.default_rng(seed), SPECIAL, remove_prob=1.0) is None
+    ex = masking.ict_example(block, np.random.default_rng(seed), SPECIAL, remove_prob=0.0)
     assert not ex["sentence_removed"]
     assert int(ex["block_attention_mask"].sum()) == 3 + 1 + len(block.body_ids)
+  kept = [masking.ict_example(block, np.random.default_rng(seed), SPECIAL) for seed in range(2000)]
+  assert 0.08 < np.mean([ex is not None for ex in kept]) < 0.12  # 1 - remove_prob = 0.1 of them
 
 
 def test_blocks_without_spans_or_sentences_give_none():

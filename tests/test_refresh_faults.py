@@ -216,3 +216,55 @@ def test_refresher_in_process_conflict_config_and_stop(corpus_seed, tmp_path):
     Refresher(root, RefreshOptions(embed_batch_size=8), config=other).refresh(6)
   with pytest.raises(RefreshError, match=r"give keep_index_versions=2, the trainer ran with keep_index_versions=5"):
     Refresher(root, RefreshOptions(embed_batch_size=8), overrides=["keep_index_versions=2"]).refresh(6)
+
+
+def test_two_live_refreshers_publish_one_version_per_checkpoint(corpus_seed, tmp_path):
+  """Two refresher processes on one root, each new checkpoint raced by both (they embed it at the
+  same time, sharing its staged shards): exactly one complete version per checkpoint step, LATEST
+  always names a complete version, and both exit cleanly on TRAINING_DONE."""
+  from realm_jax.train.config import load_config
+  from tests.test_refresh_e2e import Proc, refresher_args, root_with_corpus
+
+  root = root_with_corpus(corpus_seed, str(tmp_path / "run"))
+  storage = Storage.open(root)
+  cfg = load_config("smoke", ["keep_index_versions=100", "keep_checkpoints=100"])
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  _write_checkpoint(root, cfg, 2, seed=1)
+  overrides = ["keep_index_versions=100", "keep_checkpoints=100"]
+  refreshers = [Proc(refresher_args(root, overrides=overrides), tmp_path / f"refresher-{k}.log", env)
+                for k in range(2)]
+  try:
+    seen_latest = set()
+    for step, seed in ((2, None), (4, 2), (6, 3)):
+      if seed is not None:
+        _write_checkpoint(root, cfg, step, seed=seed)
+      deadline = time.monotonic() + 300
+      while True:  # LATEST checked (every file against its manifest) all along
+        version = _assert_latest_complete(storage)
+        if version is not None:
+          seen_latest.add(version)
+        outcomes = [re.search(rf"(published index \S+: .* from checkpoint step {step};|checkpoint step {step}: not "
+                              r"published, another publisher got there first)", r.text()) for r in refreshers]
+        if all(outcomes):
+          break
+        for r in refreshers:
+          assert r.popen.poll() is None, r.text()[-3000:]
+        assert time.monotonic() < deadline, [r.text()[-2000:] for r in refreshers]
+        time.sleep(0.05)
+    storage.write_bytes("TRAINING_DONE", b"6\n")
+    for r in refreshers:
+      assert r.wait(timeout=120) == 0, r.text()[-3000:]
+  finally:
+    for r in refreshers:
+      r.kill()
+  logs = "".join(r.text() for r in refreshers)
+  versions = publish.list_versions(storage, "index")
+  steps = sorted(publish.version_key(v)[0] for v in versions)
+  assert steps == [2, 4, 6], versions  # exactly one version per checkpoint step
+  for v in versions:
+    publish.open_version(storage, "index", v, verify=True)
+  assert publish.list_versions(storage, "index", complete_only=False) == versions  # no half-published leftover
+  assert "another publisher got there first" in logs  # they did race
+  assert "Traceback" not in logs, logs[-3000:]
+  print(f"versions {versions}; LATEST seen {sorted(seen_latest)}")

@@ -483,7 +483,7 @@ path = os.environ["FAKE_GCLOUD_STATE"]
 state = json.load(open(path))
 args = sys.argv[1:]
 state["calls"].append(args)
-state["times"].append(time.monotonic())
+state["times"].append(float(os.environ["FAKE_GCLOUD_CALLED_AT"]))
 take = lambda key: state[key].pop(0) if len(state[key]) > 1 else state[key][0]  # the last one repeats
 out = ""
 if args[3] == "describe":
@@ -498,7 +498,11 @@ sys.stdout.write(out)
 def fake_gcloud(tmp_path: Path, qr: list, workers: list) -> tuple[str, Path]:
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  (bin_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable))
+  (bin_dir / "gcloud.py").write_text(FAKE_GCLOUD.format(python=sys.executable))
+  # The call's time is taken by bash before Python starts: a loaded machine delays interpreter start-up
+  # by up to a second, which would blur the back-off gaps the watch test measures.
+  (bin_dir / "gcloud").write_text(f'#!/bin/bash\nFAKE_GCLOUD_CALLED_AT=$EPOCHREALTIME exec {sys.executable} '
+                                  f'{bin_dir / "gcloud.py"} "$@"\n')
   (bin_dir / "gcloud").chmod(0o755)
   state = tmp_path / "state.json"
   state.write_text(json.dumps({"calls": [], "times": [], "qr": qr, "workers": workers}))
@@ -557,10 +561,13 @@ def test_watch_backs_off_exponentially_while_a_job_keeps_failing(tmp_path):
           env={"FAKE_GCLOUD_STATE": str(state)})
   assert r.returncode == 2 and "still not finished after 30 polls" in r.stderr
   saved = json.loads(state.read_text())
-  starts = [t for c, t in zip(saved["calls"], saved["times"]) if kind(c) == "start"]
-  gaps = [b - a for a, b in zip(starts, starts[1:])]
-  assert len(starts) >= 3 and "backing off" in r.stderr
-  assert gaps[0] >= 0.4 and all(g >= 0.8 for g in gaps[1:]), gaps  # 0.4 s, then doubled, capped at 0.8 s
+  # The watch sets the next back-off just before it stops the dead job, so the gaps between stop calls
+  # are the back-offs plus polling; 0.05 s covers the jitter of bash starting the fake (no Python
+  # start-up in between) and is far below the 0.4 s by which a missing doubling would fall short.
+  stops = [t for c, t in zip(saved["calls"], saved["times"]) if kind(c) == "stop"]
+  gaps = [b - a for a, b in zip(stops, stops[1:])]
+  assert len(stops) >= 3 and "backing off" in r.stderr
+  assert gaps[0] >= 0.4 - 0.05 and all(g >= 0.8 - 0.05 for g in gaps[1:]), gaps  # 0.4 s, doubled, capped at 0.8 s
 
 
 def test_watch_gives_up_after_max_relaunches(tmp_path):

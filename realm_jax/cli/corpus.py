@@ -89,7 +89,7 @@ def register(sub) -> None:
       description="Inputs by extension: .jsonl ({\"title\",\"text\"} per line), .txt (blank-line "
       "separated documents, first line = title), .xml/.xml.bz2 (MediaWiki dump).")
   build.add_argument("--input", nargs="+", required=True, metavar="FILE", help="document files")
-  build.add_argument("--storage", required=True, metavar="URI", help="storage root (dir, gs://, memory://)")
+  build.add_argument("--storage", required=True, metavar="URI", help="storage root (dir or gs://)")
   build.add_argument("--prefix", default="corpus", help="folder under the root (default: corpus)")
   build.add_argument("--tokenizer", default="minilm",
                      help="tokenizer dir, vocab.txt, .model, or 'minilm' (bert-base-uncased vocab)")

@@ -25,11 +25,16 @@ def _fetch(args: argparse.Namespace) -> int:
 def _write_jsonl(path: pathlib.Path, examples) -> None:
   """Writes DPR-style JSONL atomically (temp file, then rename): never a half-written set."""
   tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    for e in examples:
-      f.write(json.dumps({"id": e.qid, "question": e.question, "answers": e.answers,
-                          "answer_type": e.answer_type}, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      for e in examples:
+        f.write(json.dumps({"id": e.qid, "question": e.question, "answers": e.answers,
+                            "answer_type": e.answer_type}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+  except OSError as e:
+    if tmp.exists():
+      tmp.unlink()
+    raise RealmError(f"{path}: writing failed ({e.strerror or e})") from None
 
 
 def _questions(args: argparse.Namespace) -> int:
@@ -42,7 +47,12 @@ def _questions(args: argparse.Namespace) -> int:
     raise RealmError(f"unknown question set(s) {unknown}; known: {', '.join(qa.SHORT_NAMES)}")
   out = pathlib.Path(args.out) if args.out else None
   if out is not None:
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+      raise RealmError(f"--out {out}: exists and is not a directory (--out names a directory for the JSONL files)")
+    try:
+      out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise RealmError(f"--out {out}: cannot create it ({e.strerror or e})") from None
   print(f"{'set':<12} {'questions':>9} {'answers':>8}  answer type")
   for name in names:
     examples = qa.load_questions(name)

@@ -12,6 +12,30 @@ import json
 import pathlib
 import shutil
 
+from realm_jax.errors import RealmError
+
+MARKER = ".realm-jax-demo"  # in every work directory the demo made: only those does --fresh delete
+
+
+def prepare_workdir(workdir: pathlib.Path, fresh: bool) -> None:
+  """Creates the work directory (marked as the demo's), or with `fresh` empties one the demo made;
+  refuses to delete a directory without the marker, and a path that is not a directory."""
+  marker = workdir / MARKER
+  if workdir.exists() and not workdir.is_dir():
+    raise RealmError(f"--workdir {workdir}: exists and is not a directory")
+  if fresh and workdir.exists():
+    if not marker.is_file():
+      raise RealmError(f"--workdir {workdir}: not created by realm-jax demo (no {MARKER} in it), so --fresh "
+                       "will not delete it; remove it yourself or choose another --workdir")
+    shutil.rmtree(workdir)
+  try:
+    fresh_dir = not workdir.exists() or not any(workdir.iterdir())
+    workdir.mkdir(parents=True, exist_ok=True)
+    if fresh_dir or (workdir / "recipe.json").is_file():  # new, empty, or a demo run from before the marker
+      marker.write_text("created by `realm-jax demo`; `realm-jax demo --fresh` may delete this directory\n")
+  except OSError as e:
+    raise RealmError(f"--workdir {workdir}: cannot create or write it ({e.strerror})") from None
+
 
 def register(sub: argparse._SubParsersAction) -> None:
   help_text = "Run the whole REALM loop on real Wikipedia text on this machine"
@@ -23,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--quick", action="store_true",
                  help="tiny random towers and a small corpus: checks the whole loop in about a minute "
                       "(the numbers mean nothing)")
-  p.add_argument("--fresh", action="store_true", help="delete the work directory first")
+  p.add_argument("--fresh", action="store_true",
+                 help="delete the work directory first (only one the demo created; others are refused)")
   p.add_argument("--verbose", action="store_true", help="print every log line of the trainer")
   p.set_defaults(func=run)
 
@@ -50,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
   recipe = RECIPES["quick" if args.quick else "full"]()
   workdir = pathlib.Path(args.workdir) if args.workdir else sources.cache_dir() / (
       "demo-quick" if args.quick else "demo")
-  if args.fresh and workdir.exists():
-    shutil.rmtree(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  prepare_workdir(workdir, args.fresh)
   ui = ConsoleUI(verbose=args.verbose)
   ui.console.print(f"[bold]realm-jax demo[/bold] ({recipe.name} recipe) in {workdir}")
   demo = Demo(workdir, recipe, ui)

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--questions", action="extend", nargs="+", required=True, metavar="SET",
                  help="question sets: nq-test, wq-test, ct-test, nq-dev, trivia-test, ... or JSONL/TSV paths")
   p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each set")
-  p.add_argument("--out", default=None, help="predictions JSONL (one set) or a directory (<set>.jsonl per set)")
+  p.add_argument("--out", default=None, help="predictions JSONL (one set) or a directory (<set>.jsonl per set); "
+                 "never an input, checked before any work")
+  p.add_argument("--overwrite", action="store_true", help="replace existing --out files")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--weights", default=None, help="converted weights (retriever + reader) instead of a checkpoint")
   p.add_argument("--index", default=None, help="index version (default: the one the model was fine-tuned with)")
@@ -78,6 +80,7 @@ def print_summaries(summaries) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  from realm_jax.cli.outputs import check_output
   from realm_jax.data.qa import load_questions
   from realm_jax.errors import ConfigError
   from realm_jax.openqa import evaluate as ev
@@ -85,6 +88,14 @@ def run(args: argparse.Namespace) -> int:
 
   if args.limit is not None and args.limit < 1:
     raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+  if args.batch_size < 1:
+    raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+  outs = {}
+  if args.out:  # before any work: a long evaluation must not end on an unusable path
+    many = len(args.questions) > 1
+    for name in args.questions:
+      outs[name] = check_output(_out_path(args.out, name, many), args.questions, overwrite=args.overwrite,
+                                flag="--out")
   sets = [(name, load_questions(name)[:args.limit]) for name in args.questions]  # fail fast on bad files
   setup = load_for_answering(args.storage, args.step, args.weights, args.index)
   evaluator = ev.Evaluator(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index,
@@ -93,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
   for name, examples in sets:
     preds, summary = evaluator.evaluate(examples, name)
     summaries.append(summary)
-    if args.out:
-      ev.write_predictions(_out_path(args.out, name, len(sets) > 1), preds)
+    if name in outs:
+      ev.write_predictions(str(outs[name]), preds)
   print_summaries(summaries)
   if args.json:
     print(json.dumps([s.to_dict() for s in summaries]))

@@ -24,18 +24,27 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--index", default=None,
                  help="index version to retrieve from (default: the checkpoint's, else LATEST)")
   p.add_argument("--stop-after", type=int, default=None, help="run at most this many steps now")
-  p.add_argument("--eval-out", default=None, help="with eval_questions set: write predictions JSONL here")
+  p.add_argument("--eval-out", default=None, help="with eval_questions set: write predictions JSONL here "
+                 "(never an input; checked before training)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --eval-out file")
   p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
   from realm_jax.cli.evaluate import print_summaries
+  from realm_jax.cli.outputs import check_output
   from realm_jax.data.qa import load_questions
+  from realm_jax.errors import ConfigError
   from realm_jax.openqa import evaluate as ev, loading
   from realm_jax.openqa.config import load_finetune_config
   from realm_jax.openqa.finetune import Finetuner
 
+  if args.stop_after is not None and args.stop_after < 1:
+    raise ConfigError(f"--stop-after must be >= 1 (steps to run now), got {args.stop_after}")
   cfg = load_finetune_config(args.config, run_overrides(args) + list(args.set))
+  if args.eval_out:
+    inputs = [q for q in (cfg.train_questions, cfg.eval_questions) if q]
+    check_output(args.eval_out, inputs, overwrite=args.overwrite, flag="--eval-out")
   tuner = Finetuner(cfg, args.storage, resume=args.resume, stop_after=args.stop_after, index_version=args.index)
   result = tuner.run()
   print(f"realm-jax finetune: finished at step {result.step} (index {result.index_version})")

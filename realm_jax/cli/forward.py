@@ -21,8 +21,11 @@ def run(args: argparse.Namespace) -> int:
   from flax import nnx
 
   from realm_jax.config import get_preset
+  from realm_jax.errors import ConfigError
   from realm_jax.models import RealmModel, marginal_log_likelihood, relevance_scores
 
+  if args.batch < 1:
+    raise ConfigError(f"--batch must be >= 1, got {args.batch}")
   cfg = get_preset(args.preset)
   b, c = args.batch, cfg.num_candidates
   rng = np.random.default_rng(args.seed)

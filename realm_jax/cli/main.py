@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from realm_jax import logs
@@ -43,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+URI_ARGS = ("storage", "out", "data_dir", "weights", "path", "checkpoint", "eval_out", "workdir")
+
+
+def check_uris(args: argparse.Namespace) -> None:
+  """Refuses `memory://` roots: an in-process store (for tests of the library) whose data would
+  vanish when the command exits."""
+  for name in URI_ARGS:
+    values = getattr(args, name, None)
+    for value in values if isinstance(values, list) else [values]:
+      if isinstance(value, str) and value.startswith("memory://"):
+        raise RealmError(f"--{name.replace('_', '-')} {value}: memory:// is an in-process store for tests of "
+                         "the library; its data vanishes when the command exits. Use a directory or gs://")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs one sub-command; a RealmError becomes one line `realm-jax <cmd>: error: ...` and exit 2."""
   parser = build_parser()
@@ -52,14 +67,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   logs.configure(getattr(args, "log_level", "info"))
   try:
+    check_uris(args)
+    if os.environ.get("STORAGE_EMULATOR_HOST"):  # the CLI's way to an emulator: this one variable
+      from realm_jax.storage import use_emulator
+      use_emulator(os.environ["STORAGE_EMULATOR_HOST"])
     return int(args.func(args) or 0)
   except RealmError as e:
     print(f"realm-jax {args.command}: error: {e}", file=sys.stderr)
-    return 2
+    return _leave(2, argv is None)
   except KeyboardInterrupt:
     print(f"realm-jax {args.command}: interrupted", file=sys.stderr)
-    return 130
+    return _leave(130, argv is None)
 
+
+def _leave(code: int, command: bool) -> int:
+  """`code`, or for the command itself (not a caller in Python) an immediate exit with `code`: the
+  command has finished its own clean-up (its `finally` blocks closed checkpoints and metrics), and
+  interpreter finalisation with native threads still running (XLA, grain, tensorstore callbacks of
+  a failed checkpoint write) can print a hundred tracebacks or segfault after the error line."""
+  if command:
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
 
 if __name__ == "__main__":
   sys.exit(main())

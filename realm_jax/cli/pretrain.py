@@ -44,6 +44,8 @@ def run(args: argparse.Namespace, task: str) -> int:
   from realm_jax.train.config import load_config
   from realm_jax.train.trainer import Trainer
 
+  if args.stop_after is not None and args.stop_after < 1:
+    raise ConfigError(f"--stop-after must be >= 1 (steps to run now), got {args.stop_after}")
   overrides = run_overrides(args) + list(args.set)
   if args.synchronous_refresh:
     overrides.append("index_refresh=sync")

@@ -90,14 +90,22 @@ def read_weights(d: pathlib.Path, drop: tuple[str, ...] = ()) -> dict[str, Any]:
   is never read: safetensors are opened lazily, `.bin` files memory-mapped)."""
   if (d / "model.safetensors").exists():
     from safetensors import safe_open
-    with safe_open(str(d / "model.safetensors"), framework="numpy") as f:
-      return {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+    try:
+      with safe_open(str(d / "model.safetensors"), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+    except Exception as e:  # SafetensorError: truncated or not a safetensors file
+      raise ConversionError(f"{d / 'model.safetensors'}: not a readable safetensors file ({e}); truncated or "
+                            "damaged?") from None
   if (d / "pytorch_model.bin").exists():
     try:
       import torch
     except ImportError as e:
       raise ConversionError(f"{d}: reading pytorch_model.bin needs torch (pip install 'realm-jax[convert]')") from e
-    sd = torch.load(str(d / "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+    try:
+      sd = torch.load(str(d / "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a truncated or foreign file
+      raise ConversionError(f"{d / 'pytorch_model.bin'}: not a readable PyTorch weights file "
+                            f"({type(e).__name__}: {e})") from None
     return {k: hfc.to_numpy(v) for k, v in sd.items() if k not in drop}
   return hfc.read_state_dict(d)  # names what is missing
 

@@ -162,6 +162,10 @@ def check_tied_decoder(state_dict: Mapping[str, Any], prefix: str = "") -> None:
 
 def realm_config_from_hf(hf: Mapping[str, Any], **overrides) -> RealmConfig:
   """RealmConfig from a HuggingFace `config.json` dict (RealmConfig or BertConfig)."""
+  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "intermediate_size") if k not in hf]
+  if missing:
+    raise ConversionError(f"config.json has no {', '.join(missing)} (not a BERT/REALM config)")
   bert = BertConfig(
       vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
       num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
@@ -208,12 +212,18 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     raise ConversionError(f"{path}: no such file")
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file
-    return dict(load_file(str(path)))
+    try:
+      return dict(load_file(str(path)))
+    except Exception as e:  # SafetensorError (truncated, not a safetensors file), OSError
+      raise ConversionError(f"{path}: not a readable safetensors file ({e}); truncated or damaged?") from None
   try:
     import torch
   except ImportError as e:
     raise ConversionError(f"{path}: reading PyTorch .bin files needs torch (pip install 'realm-jax[convert]')") from e
-  sd = torch.load(str(path), map_location="cpu", weights_only=True)
+  try:
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle/zip errors of a truncated or foreign file
+    raise ConversionError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
   return {k: to_numpy(v) for k, v in sd.items()}
 
 
@@ -222,7 +232,13 @@ def read_config(path: str | pathlib.Path) -> dict[str, Any]:
   cfg_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
   if not cfg_path.exists():
     raise ConversionError(f"{cfg_path}: missing (a HuggingFace directory needs config.json)")
-  return json.loads(cfg_path.read_text())
+  try:
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConversionError(f"{cfg_path}: not a valid JSON config ({e})") from None
+  if not isinstance(config, dict):
+    raise ConversionError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+  return config
 
 
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:

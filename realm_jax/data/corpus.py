@@ -16,12 +16,20 @@ Layout under `<root>/<prefix>/` (default prefix `corpus`), format version 2:
                         process that reads only its rows (by byte range) still verifies them.
 Version 1 corpora (one `shard-*.npz` per shard) are refused with the command that converts them
 (`realm-jax corpus convert`, `data/corpus_v1.py`).
+
+`--overwrite` builds the new corpus beside the old one: its shard files are
+`tokens-<tag>-NNNNN.npy`, `spans-<tag>-NNNNN.npz` and `text-<tag>-NNNNN.npz` and its tokenizer
+`tokenizer-<tag>/` (a fresh tag per build; the manifest records every path), the old corpus
+stays readable, and only the manifest, replaced atomically at the end, switches readers to the
+new one; then the old corpus's files go (format 1 or 2, tagged or not). A build that fails (bad
+input, full disk) removes its own files and leaves the old corpus exactly as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -41,9 +49,6 @@ from realm_jax.data.sentences import split_sentences
 from realm_jax.data.shards import CorpusError, encode_shard, file_names, token_dtype
 from realm_jax.data.tokenizer import Encoding, Tokenizer, load_tokenizer
 from realm_jax.storage.row_files import CHUNK_ROWS, RowFile
-
-SHARD_FILE = re.compile(r"(?:tokens|spans|text)-\d+\.np[yz]")
-
 
 # ----------------------------------------------------------------------------------------------
 # Packing sentences into blocks (ORQA rule).
@@ -132,13 +137,21 @@ def token_file_entry(path: str, data: bytes, rows: int, chunk_rows: int = CHUNK_
           **RowFile.describe(path, data, rows, chunk_rows).to_json()}
 
 
+# The files a corpus build owns under its prefix (any format, tagged by an `--overwrite` build or
+# not): after the manifest swap, those the new manifest does not name belong to the replaced corpus.
+_OWN_FILE = re.compile(r"^(?:shard-(?:[0-9a-f]{8}-)?\d+\.npz|tokens-(?:[0-9a-f]{8}-)?\d+\.npy"
+                       r"|(?:spans|text)-(?:[0-9a-f]{8}-)?\d+\.npz|tokenizer(?:-[0-9a-f]{8})?/.+)$")
+
+
 class ShardWriter:
   """Numbers blocks consecutively and writes a shard (three files) each time `shard_blocks` are
-  buffered; `shards` holds their manifest entries."""
+  buffered; `shards` holds their manifest entries. With a `tag` (an `--overwrite` build) every
+  file name carries it, and the tokenizer goes to `tokenizer-<tag>/` (`tok_dir`)."""
 
-  def __init__(self, storage, prefix: str, shard_blocks: int, block_len: int, tok: Tokenizer):
-    self.storage, self.prefix, self.shard_blocks = storage, prefix, shard_blocks
+  def __init__(self, storage, prefix: str, shard_blocks: int, block_len: int, tok: Tokenizer, tag: str = ""):
+    self.storage, self.prefix, self.shard_blocks, self.tag = storage, prefix, shard_blocks, tag
     self.block_len, self.tok, self.dtype = block_len, tok, token_dtype(tok.vocab_size)
+    self.tok_dir = f"tokenizer-{tag}" if tag else "tokenizer"
     self.buffer: list[Block] = []
     self.shards: list[dict] = []
     self.next_id = 0
@@ -154,7 +167,7 @@ class ShardWriter:
     if not self.buffer:
       return
     files = encode_shard(self.buffer, self.block_len, self.tok, self.dtype)
-    names = file_names(len(self.shards))
+    names = file_names(len(self.shards), self.tag)
     entry = {"first_block": self.buffer[0].block_id, "num_blocks": len(self.buffer)}
     for kind, data in files.items():
       self.storage.write_bytes(f"{self.prefix}/{names[kind]}", data)
@@ -168,17 +181,21 @@ class ShardWriter:
     return [f"{self.prefix}/{s[kind]['path']}" for s in self.shards for kind in ("tokens", "spans", "text")]
 
   def manifest(self, tok_files: dict, tagger: str, stats: dict, inputs: list[str], **extra) -> dict:
+    tokenizer = {**self.tok.spec(), "files": tok_files}
+    if self.tok_dir != "tokenizer":
+      tokenizer["dir"] = self.tok_dir
     return {"format": FORMAT, "version": VERSION, "num_blocks": self.next_id, "block_len": self.block_len,
-            "token_dtype": self.dtype.name, "tokenizer": {**self.tok.spec(), "files": tok_files},
+            "token_dtype": self.dtype.name, "tokenizer": tokenizer,
             "tagger": tagger, "shard_blocks": self.shard_blocks, "shards": self.shards, "stats": stats,
             "inputs": inputs, **extra}
 
 
-def write_tokenizer(storage, prefix: str, tok: Tokenizer) -> dict:
-  """Writes the tokenizer's files next to the corpus; returns their manifest entries."""
+def write_tokenizer(storage, prefix: str, tok: Tokenizer, dirname: str = "tokenizer") -> dict:
+  """Writes the tokenizer's files next to the corpus (into `<prefix>/<dirname>/`); returns their
+  manifest entries."""
   files = {}
   for name, data in sorted(tok.files().items()):
-    storage.write_bytes(f"{prefix}/tokenizer/{name}", data)
+    storage.write_bytes(f"{prefix}/{dirname}/{name}", data)
     files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
   return files
 
@@ -216,10 +233,11 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
 
   Streams documents in batches of `doc_batch` and writes each shard as it fills, so memory is
   bounded by one shard plus one batch. The manifest is written last; a failed build removes
-  the shards it wrote, so no half-written corpus is ever readable. `workers` processes strip
-  MediaWiki markup (the slowest step for dumps). `title_spans`: mentions of the article's title
-  are salient spans too (where the tagger found nothing overlapping them). `progress(blocks,
-  documents)` is called after each document.
+  the files it wrote, so no half-written corpus is ever readable; with `overwrite` the new corpus
+  is built beside the old one, which stays intact until the new manifest replaces its own.
+  `workers` processes strip MediaWiki markup (the slowest step for dumps). `title_spans`: mentions
+  of the article's title are salient spans too (where the tagger found nothing overlapping them).
+  `progress(blocks, documents)` is called after each document.
   """
   storage = open_storage(storage)
   tok = load_tokenizer(tokenizer)
@@ -230,12 +248,13 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
     raise CorpusError(f"shard_blocks must be >= 1, got {shard_blocks}")
   prefix = prefix.strip("/")
   manifest_path = f"{prefix}/{MANIFEST}"
+  build_tag = ""
   if storage.exists(manifest_path):
     if not overwrite:
       raise CorpusError(f"{storage.uri(manifest_path)} exists: a corpus is already built there "
                         "(pass --overwrite to replace it)")
-    storage.delete(manifest_path)  # readers stop trusting the old shards before any is replaced.
-  writer = ShardWriter(storage, prefix, shard_blocks, block_len, tok)
+    build_tag = secrets.token_hex(4)  # new files beside the old corpus's; the manifest swap switches readers
+  writer = ShardWriter(storage, prefix, shard_blocks, block_len, tok, build_tag)
   stats = {"documents": 0, "sentences": 0, "sentences_with_salient": 0, "salient_spans": 0,
            "body_tokens": 0, "split_sentences": 0}
   t0, c0 = time.perf_counter(), time.process_time()
@@ -269,23 +288,24 @@ def build_corpus(inputs: Sequence[str | Document], storage, prefix: str = "corpu
     writer.flush()
     if writer.next_id == 0:
       raise CorpusError(f"empty corpus: the documents of {', '.join(map(str, inputs))} hold no tokens")
+    tok_files = write_tokenizer(storage, prefix, tok, writer.tok_dir)
   except BaseException:
-    for path in writer.written():  # leave nothing half-built behind.
+    for path in writer.written():  # leave nothing half-built behind (an old corpus stays as it was).
       storage.delete(path)
+    storage.delete(f"{prefix}/{writer.tok_dir}")
     raise
   seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-  tok_files = write_tokenizer(storage, prefix, tok)
   stats["seconds"] = round(seconds, 3)
   stats["cpu_seconds"] = round(cpu_seconds, 3)  # this process only (not --workers processes)
   stats["blocks_per_second"] = round(writer.next_id / max(seconds, 1e-9), 1)
   manifest = writer.manifest(tok_files, getattr(tag, "name", str(tagger)), stats,
                              sorted({str(p) for p in inputs if not isinstance(p, Document)}), title_spans=title_spans)
-  storage.write_json(manifest_path, manifest)
-  keep = {p.rsplit("/", 1)[-1] for p in writer.written()}
+  storage.write_json(manifest_path, manifest)  # atomic: readers switch from the old corpus here
+  keep = {p[len(prefix) + 1:] for p in writer.written()} | {f"{writer.tok_dir}/{n}" for n in tok_files}
   for path in storage.list(prefix):
     name = path[len(prefix) + 1:]
-    if SHARD_FILE.fullmatch(name) and name not in keep:
-      storage.delete(path)  # shards of an older, larger corpus that was overwritten.
+    if _OWN_FILE.match(name) and name not in keep:
+      storage.delete(path)  # the replaced corpus's shard files and tokenizer files.
   return manifest
 
 

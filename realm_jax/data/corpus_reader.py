@@ -110,10 +110,11 @@ class CorpusReader:
   def tokenizer(self) -> Tokenizer:
     """The tokenizer the corpus was built with (from its own files, checksums verified)."""
     files = {}
+    where = f"{self.prefix}/{self.manifest['tokenizer'].get('dir', 'tokenizer')}"
     for name, info in self.manifest["tokenizer"]["files"].items():
-      data = self.storage.read_bytes(f"{self.prefix}/tokenizer/{name}")
+      data = self.storage.read_bytes(f"{where}/{name}")
       if hashlib.sha256(data).hexdigest() != info["sha256"]:
-        raise CorpusError(f"{self.storage.uri(f'{self.prefix}/tokenizer/{name}')}: checksum mismatch")
+        raise CorpusError(f"{self.storage.uri(f'{where}/{name}')}: checksum mismatch")
       files[name] = data
     return tokenizer_from_files(files)
 

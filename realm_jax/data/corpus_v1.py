@@ -58,10 +58,11 @@ def convert_corpus_v1(storage, prefix: str = "corpus", log: Callable[[str], None
     raise CorpusError(f"{storage.uri(path)}: not a format-1 corpus (version {old.get('version')!r}); "
                       "nothing to convert")
   files = {}
+  tok_dir = f"{prefix}/{old['tokenizer'].get('dir', 'tokenizer')}"  # `tokenizer-<tag>/` after an --overwrite
   for name, info in old["tokenizer"]["files"].items():
-    data = storage.read_bytes(f"{prefix}/tokenizer/{name}")
+    data = storage.read_bytes(f"{tok_dir}/{name}")
     if hashlib.sha256(data).hexdigest() != info["sha256"]:
-      raise CorpusError(f"{storage.uri(f'{prefix}/tokenizer/{name}')}: checksum mismatch")
+      raise CorpusError(f"{storage.uri(f'{tok_dir}/{name}')}: checksum mismatch")
     files[name] = data
   tok = tokenizer_from_files(files)
   writer = ShardWriter(storage, prefix, int(old.get("shard_blocks", 10_000)), int(old["block_len"]), tok)

@@ -12,6 +12,7 @@ Bad input raises `DocumentError` naming the file and the line or record.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -53,6 +54,20 @@ def _open(path: str):
     raise DocumentError(f"{path}: cannot open: {e}") from e
 
 
+@contextlib.contextmanager
+def _reading(path: str):
+  """Errors of the file itself while it is read (a truncated or damaged .bz2/.gz, a disk error)
+  as one DocumentError naming it."""
+  try:
+    yield
+  except DocumentError:
+    raise
+  except (OSError, EOFError) as e:
+    kind = next((s for s in (".bz2", ".gz", ".xz") if path.lower().endswith(s)), "")
+    hint = f"; a truncated or damaged {kind} file?" if kind else ""
+    raise DocumentError(f"{path}: cannot read it ({e}{hint})") from None
+
+
 def _decode_line(raw: bytes, path: str, lineno: int) -> str:
   try:
     return raw.decode("utf-8")
@@ -63,7 +78,7 @@ def _decode_line(raw: bytes, path: str, lineno: int) -> str:
 
 def read_jsonl(path: str) -> Iterator[Document]:
   """Documents of a JSONL file: one `{"title": str, "text": str}` object per line."""
-  with _open(path) as f:
+  with _open(path) as f, _reading(path):
     for lineno, raw in enumerate(f, 1):
       line = _decode_line(raw, path, lineno).strip()
       if not line:
@@ -93,7 +108,7 @@ def read_text(path: str) -> Iterator[Document]:
     title, body = group[0].strip(), "\n".join(group[1:])
     return Document(title, body, f"{path}:{start}")
 
-  with _open(path) as f:
+  with _open(path) as f, _reading(path):
     for lineno, raw in enumerate(f, 1):
       line = _decode_line(raw, path, lineno).rstrip("\r\n")
       if line.strip():
@@ -138,7 +153,7 @@ def strip_wikitext(wikitext: str) -> str:
 
 def _raw_pages(path: str) -> Iterator[tuple[str, str, str]]:
   """(title, wikitext, source) of the article pages of a dump, streamed with iterparse."""
-  with _open(path) as f:
+  with _open(path) as f, _reading(path):
     context = ET.iterparse(f, events=("start", "end"))
     root = None
     try:

@@ -222,15 +222,18 @@ def ict_example(block: Block, rng: np.random.Generator, special: SpecialIds, que
                 block_len: int = 288, remove_prob: float = 0.9) -> dict | None:
   """ORQA's Inverse Cloze Task pair: a random sentence, and its block without it (p=remove_prob).
 
-  The sentence is only removed when the block has another non-empty sentence, so the
-  pseudo-positive block never becomes empty. Returns None for blocks without a sentence.
+  As ORQA's ICT data does, an example whose sentence is to be removed from a one-sentence block is
+  dropped (the pseudo-positive block would be empty): returns None then, and for blocks without a
+  sentence. One-sentence blocks thus give an example (sentence kept) with p = 1 - remove_prob.
   """
   sentences = _nonempty_sentences(block)
   if not sentences:
     return None
   sa, sb = sentences[rng.integers(len(sentences))]
   query = block.body_ids[sa:min(sb, sa + query_len - 2)]
-  removed = len(sentences) > 1 and bool(rng.random() < remove_prob)
+  removed = bool(rng.random() < remove_prob)
+  if removed and len(sentences) == 1:
+    return None
   body = np.concatenate([block.body_ids[:sa], block.body_ids[sb:]]) if removed else block.body_ids
   out = {
       "query_input_ids": np.full(query_len, special.pad_id, np.int32),

@@ -127,9 +127,10 @@ def read_jsonl(path: str | os.PathLike, answer_type: AnswerType | None = None) -
     if not isinstance(record, dict):
       raise QuestionFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
     key = "answers" if "answers" in record else "answer"
-    missing = ([] if "question" in record else ["question"]) + ([] if key in record else ["answer"])
+    missing = ([] if "question" in record else ["question"]) + ([] if key in record else ["answers"])
     if missing:
-      raise QuestionFileError(f"{path}:{number}: missing field(s) {missing}; has {sorted(record)}")
+      also = " (or 'answer')" if "answers" in missing else ""
+      raise QuestionFileError(f"{path}:{number}: missing field(s) {missing}{also}; has {sorted(record)}")
     question, answers = _check(path, number, record["question"], record[key])
     kind = answer_type or record.get("answer_type") or _default_type(path)
     if kind not in ("text", "regex"):

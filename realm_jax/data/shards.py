@@ -34,9 +34,10 @@ class CorpusError(RealmError):
   """The corpus cannot be built as asked, or what is on storage is not a valid corpus."""
 
 
-def file_names(i: int) -> dict[str, str]:
-  """The names of shard `i`'s files, by kind."""
-  return {"tokens": f"tokens-{i:05d}.npy", "spans": f"spans-{i:05d}.npz", "text": f"text-{i:05d}.npz"}
+def file_names(i: int, tag: str = "") -> dict[str, str]:
+  """The names of shard `i`'s files, by kind (`kind-<tag>-NNNNN` for a build beside another corpus)."""
+  t = f"{tag}-" if tag else ""
+  return {"tokens": f"tokens-{t}{i:05d}.npy", "spans": f"spans-{t}{i:05d}.npz", "text": f"text-{t}{i:05d}.npz"}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

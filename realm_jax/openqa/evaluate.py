@@ -140,13 +140,29 @@ def summarize(name: str, records: Sequence[dict], recall_ks: Sequence[int], seco
 
 
 def write_predictions(path: str, predictions: Sequence[dict]) -> None:
-  """Predictions as JSONL (one object per question), written through a temp file then renamed."""
+  """Predictions as JSONL (one object per question), written through a temp file then renamed:
+  `path` holds the old file or the whole new one, never a part, and no temp file is left."""
+  import contextlib
   import os
   import tempfile
+
+  from realm_jax.errors import RealmError
+
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".predictions-")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    for p in predictions:
-      f.write(json.dumps(p, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
+  except OSError as e:
+    raise RealmError(f"{path}: cannot write predictions there ({e.strerror or e})") from None
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for p in predictions:
+        f.write(json.dumps(p, ensure_ascii=False) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    raise RealmError(f"{path}: writing predictions failed ({e.strerror or e})") from None
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)

@@ -73,6 +73,8 @@ class Finetuner(TrainLoop):
   `<root>/index`, checkpoints and metrics next to them). `run()` trains; `stop_after` ends early.
   `log_fn` also receives every log line (the lines always go to the `realm_jax.finetune` logger)."""
 
+  kind = "openqa"
+
   def __init__(self, cfg: FinetuneConfig, storage: Storage | str, *, resume: bool = False,
                log_fn: Callable[[str], None] | None = None, stop_after: int | None = None,
                questions: list[QAExample] | None = None, index_version: str | None = None,
@@ -131,7 +133,7 @@ class Finetuner(TrainLoop):
                                       max_answer_tokens=cfg.max_answer_tokens)
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
-  def run(self) -> FinetuneResult:
+  def _run(self) -> FinetuneResult:
     """Fine-tunes to `num_train_steps` (or `stop_after` more steps), then leaves the model in eval mode."""
     cfg = self.cfg
     writer = MetricsWriter(self.storage, "finetune", enabled=self.is_chief)

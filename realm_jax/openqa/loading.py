@@ -59,13 +59,13 @@ def init_openqa_model(cfg: RealmConfig, init: str | None, seed: int, log: Callab
       raise OpenQALoadError(f"{init}/checkpoints holds no finished checkpoint")
     ckpt.restore_part(step, model, "retriever")
     parts = ["retriever"]
-    try:
+    if "encoder" in ckpt.items(step):  # a pre-training root: the reader starts from the encoder's BERT
       shell = _EncoderShell(cfg, nnx.Rngs(seed))
       ckpt.restore_part(step, shell, "encoder")
       _copy_encoder_to_reader(model, shell)
       parts.append("reader (from the encoder's BERT)")
-    except (ValueError, KeyError, FileNotFoundError):
-      ckpt.restore_part(step, model, "reader")  # a fine-tuning root: it has a reader itself
+    else:  # a fine-tuning root: it has a reader itself
+      ckpt.restore_part(step, model, "reader")
       parts.append("reader")
     log(f"initialised {', '.join(parts)} from checkpoint step {step} under {init}")
     return model

@@ -36,7 +36,7 @@ from realm_jax.logs import RunLog
 from realm_jax.models.retriever import Retriever
 from realm_jax.retrieval import embed as embed_lib, index as index_lib
 from realm_jax.storage import Storage
-from realm_jax.train.checkpoints import Checkpoints
+from realm_jax.train.checkpoints import Checkpoints, CorruptCheckpoint
 from realm_jax.train.config import TrainConfig, apply_overrides, flat_fields
 
 
@@ -99,6 +99,7 @@ class Refresher:
     self.claimed, self.overrides = config, list(overrides)
     self.cfg: TrainConfig | None = None  # the trainer's, read from its first checkpoint we look at
     self._last_warning = ""
+    self._rejected: set[int] = set()  # checkpoint steps that failed verification: never retried
     # Checkpoints restore replicated over every process's devices; each process embeds its share on
     # its own devices (`local`: a copy of the retriever there, updated after each restore).
     self.sharding = NamedSharding(embed_lib.default_mesh(), P())
@@ -175,13 +176,21 @@ class Refresher:
     (re-embedding from scratch would waste that work; the next round takes the newest)."""
     forget_gcs_listings()
     self.ckpt.reload()
-    newer = [s for s in self.ckpt.all_steps() if s > self.index_step()]
+    newer = [s for s in self.ckpt.all_steps() if s > self.index_step() and s not in self._rejected]
+    while self.cfg is None and newer:
+      try:
+        self._configure(max(newer))
+      except CorruptCheckpoint as e:
+        self._reject(max(newer), e)
+        newer.remove(max(newer))
     if not newer:
       return None
-    if self.cfg is None:
-      self._configure(max(newer))
     staged = [s for s in newer if self._staged(s)]
     return max(staged) if staged else max(newer)
+
+  def _reject(self, step: int, error: object) -> None:
+    self._rejected.add(step)
+    self.log.warning(f"refused checkpoint step {step}: {error}; skipping it")
 
   def done(self) -> bool:
     return self.storage.exists(layout.TRAINING_DONE)
@@ -192,7 +201,7 @@ class Refresher:
     t0 = time.perf_counter()
     self.log(f"checkpoint step {step}: restoring the retriever (index LATEST is at step "
              f"{self.index_step()})")
-    problem = None
+    problem, corrupt = None, False
     try:
       if self.cfg is None:
         self._configure(step)
@@ -203,11 +212,17 @@ class Refresher:
       nnx.update(self.local, nnx.state(parallel.local_copy(self.model)))
     except RefreshError:
       raise
+    except CorruptCheckpoint as e:  # damaged, or being deleted by the trainer's retention right now
+      problem, corrupt = str(e), True
     except Exception as e:  # pruned by the trainer's retention meanwhile, or half-deleted
       problem = f"{type(e).__name__}: {e}"
-    problems = [p for p in parallel.gather_json(problem) if p]
+    problems = [p for p in parallel.gather_json([problem, corrupt]) if p[0]]
+    refused = [p for p, bad in problems if bad]
+    if refused:  # every process refuses this step for good, together
+      self._reject(step, refused[0])
+      return None
     if problems:  # every process gives up on this step together
-      self.log.warning(f"checkpoint step {step}: cannot restore it ({problems[0]}); looking again at the next poll")
+      self.log.warning(f"checkpoint step {step}: cannot restore it ({problems[0][0]}); looking again at the next poll")
       return None
     restore_s = time.perf_counter() - t0
     self.log(f"checkpoint step {step}: restored in {restore_s:.1f}s; embedding "
@@ -242,11 +257,20 @@ class Refresher:
         if jax.process_index() == 0:
           forget_gcs_listings()
           self.ckpt.reload()
-          steps = self.ckpt.all_steps()
+          steps = [s for s in self.ckpt.all_steps() if s not in self._rejected]
           newest = str(max(steps)) if steps else None
         newest = parallel.agree(newest)  # a string (or None) for every process
         if newest is not None:
-          self._configure(int(newest))
+          problem = None
+          try:
+            self._configure(int(newest))
+          except CorruptCheckpoint as e:  # refused by every process together (none waits alone)
+            problem = str(e)
+          refused = [p for p in parallel.gather_json(problem) if p]
+          if refused:
+            self.cfg = None
+            self._reject(int(newest), refused[0])
+            continue
       decision = None  # process 0 decides for everyone: "done", "max", "wait" or a step
       if jax.process_index() == 0:
         if self.done():

@@ -38,6 +38,7 @@ from realm_jax import layout, parallel, publish
 from realm_jax.config import RealmConfig
 from realm_jax.errors import RealmError
 from realm_jax.retrieval import embed as embed_lib
+from realm_jax.storage import StorageError
 from realm_jax.storage.row_files import RowFile, RowFileError
 
 PREFIX = layout.INDEX
@@ -167,20 +168,26 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
   embed_fn = embed_fn or embed_lib.make_embed_fn(embedder, mesh, batch_size)
   log.info("index for step %d: embedding corpus shards %d..%d of %d into %s", step, mine.start, mine.stop - 1,
            corpus.num_shards, storage.uri(staging))
-  emb = embed_lib.embed_corpus(
-      corpus, embed_fn, storage, staging, block_len=corpus.block_len, dtype=dtype,
-      identity={"step": step, "config_fingerprint": config.fingerprint(), "corpus_sha256": corpus_sha},
-      progress=progress, shards=mine)
-  log.info("index for step %d: embedded %d blocks in %.1f s (%d shards were already staged)",
-           step, emb.embedded_blocks, emb.seconds, len(mine) - emb.embedded_shards)
+  missing = None  # staged embeddings that vanished under this process (see `_settle_missing`)
+  try:
+    emb = embed_lib.embed_corpus(
+        corpus, embed_fn, storage, staging, block_len=corpus.block_len, dtype=dtype,
+        identity={"step": step, "config_fingerprint": config.fingerprint(), "corpus_sha256": corpus_sha},
+        progress=progress, shards=mine)
+    log.info("index for step %d: embedded %d blocks in %.1f s (%d shards were already staged)",
+             step, emb.embedded_blocks, emb.seconds, len(mine) - emb.embedded_shards)
+  except FileNotFoundError as e:
+    missing = f"{type(e).__name__}: {e}"
   parallel.barrier(f"realm-jax-index-{step}-embedded")
+  _settle_missing(storage, prefix, step, None, missing)
 
-  # Process 0 names the version (and finds out whether it may be published at all).
+  # Process 0 names the version (and finds out whether it may be published at all: not when
+  # LATEST already names this step, so that two refreshers leave one version per step).
   version, expected, refused = None, 0, ""
   if pid == 0:
     version = publish.new_version(step)
     try:
-      expected = publish.begin(storage, prefix, version)
+      expected = publish.begin(storage, prefix, version, one_per_step=True)
     except publish.PublishConflict as e:
       version, refused = None, str(e)
   version = parallel.agree(version)
@@ -191,31 +198,35 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
   # Each process uploads its own embedding files and its searcher partition.
   t0 = time.perf_counter()
   first_rows = [0] + np.cumsum([int(s["num_blocks"]) for s in corpus.shards]).tolist()
-  entries, row_files, rows = {}, {}, []
-  for i in mine:
-    name = f"{EMB_DIR}/{embed_lib.shard_name(i)}"
-    data = storage.read_bytes(emb.paths[i])
-    row_files[name] = RowFile.describe(name, data, emb.rows[i]).to_json()
-    entries.update(publish.upload(storage, prefix, version, {name: data}))
-    if with_scann:
-      rows.append(embed_lib.parse_embedding_shard(data, storage.uri(emb.paths[i]), emb.rows[i], emb.dim, dtype))
-  parts, scann_seconds = [], 0.0
-  if with_scann and rows:
-    from realm_jax.retrieval import scann_index
-    t1 = time.perf_counter()
-    searcher = scann_index.build_searcher(np.concatenate(rows), scann_config or scann_index.ScannConfig())
-    part = {"dir": f"{SCANN_DIR}/part-{pid:05d}", "first_row": first_rows[mine.start],
-            "rows": first_rows[mine.stop] - first_rows[mine.start]}
-    with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
-      local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"), part["dir"])
-      entries.update(publish.upload(storage, prefix, version, local))
-    parts.append(part)
-    scann_seconds = time.perf_counter() - t1
-    log.info("index for step %d: ScaNN partition of %d rows built in %.1f s", step, part["rows"], scann_seconds)
+  entries, row_files, parts, scann_seconds = {}, {}, [], 0.0
+  try:
+    rows = []
+    for i in mine:
+      name = f"{EMB_DIR}/{embed_lib.shard_name(i)}"
+      data = storage.read_bytes(emb.paths[i])
+      row_files[name] = RowFile.describe(name, data, emb.rows[i]).to_json()
+      entries.update(publish.upload(storage, prefix, version, {name: data}))
+      if with_scann:
+        rows.append(embed_lib.parse_embedding_shard(data, storage.uri(emb.paths[i]), emb.rows[i], emb.dim, dtype))
+    if with_scann and rows:
+      from realm_jax.retrieval import scann_index
+      t1 = time.perf_counter()
+      searcher = scann_index.build_searcher(np.concatenate(rows), scann_config or scann_index.ScannConfig())
+      part = {"dir": f"{SCANN_DIR}/part-{pid:05d}", "first_row": first_rows[mine.start],
+              "rows": first_rows[mine.stop] - first_rows[mine.start]}
+      with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
+        local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"), part["dir"])
+        entries.update(publish.upload(storage, prefix, version, local))
+      parts.append(part)
+      scann_seconds = time.perf_counter() - t1
+      log.info("index for step %d: ScaNN partition of %d rows built in %.1f s", step, part["rows"], scann_seconds)
+  except FileNotFoundError as e:  # staged embeddings vanished while this process uploaded
+    missing = f"{type(e).__name__}: {e}"
   mine_json = {"entries": {n: dataclasses.asdict(e) for n, e in entries.items()}, "row_files": row_files,
                "parts": parts, "embed_seconds": emb.seconds, "scann_seconds": scann_seconds,
                "upload_seconds": time.perf_counter() - t0, "dim": emb.dim}
   parallel.barrier(f"realm-jax-index-{version}-uploaded")
+  _settle_missing(storage, prefix, step, version, missing)  # after every process stopped uploading
   everyone = parallel.gather_json(mine_json)
 
   dim = max(p["dim"] or 0 for p in everyone)
@@ -228,28 +239,69 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
        "scann_seconds": round(max(p["scann_seconds"] for p in everyone), 3)},
       datetime.datetime.now(datetime.timezone.utc).isoformat(),
       tuple(all_rows[n] for n in names), tuple(part for p in everyone for part in p["parts"]))
+  lost = None  # process 0's PublishConflict, told to every process
   if pid == 0:
     files = {n: publish.FileEntry(**e) for p in everyone for n, e in p["entries"].items()}
     t1 = time.perf_counter()
-    publish.commit(storage, prefix, version, files, info.to_metadata(), expected=expected)
-    info = dataclasses.replace(info, timings={
-        **info.timings, "publish_seconds": round(max(p["upload_seconds"] for p in everyone)
-                                                 + time.perf_counter() - t1, 3)})
-    log.info("index for step %d: published %s", step, storage.uri(f"{prefix}/{version}"))
-    _clean_staging(storage, work_prefix, step)
-    deleted = publish.prune(storage, prefix, keep)
-    if deleted:
-      log.info("index: pruned old versions %s", deleted)
+    try:  # LATEST moved since `begin` (another publisher of this step won): commit removes ours
+      publish.commit(storage, prefix, version, files, info.to_metadata(), expected=expected)
+    except publish.PublishConflict as e:
+      lost = str(e)
+    else:
+      info = dataclasses.replace(info, timings={
+          **info.timings, "publish_seconds": round(max(p["upload_seconds"] for p in everyone)
+                                                   + time.perf_counter() - t1, 3)})
+      log.info("index for step %d: published %s", step, storage.uri(f"{prefix}/{version}"))
+      _clean_staging(storage, work_prefix, step)
+      deleted = publish.prune(storage, prefix, keep)
+      if deleted:
+        log.info("index: pruned old versions %s", deleted)
   parallel.barrier(f"realm-jax-index-{version}-published")
+  lost = parallel.gather_json(lost)[0]
+  if lost:
+    raise publish.PublishConflict(lost)
   return info
 
 
+def _settle_missing(storage, prefix: str, step: int, version: str | None, missing: str | None) -> None:
+  """Every process together: if staged embeddings vanished under any process (a FileNotFoundError
+  there, `missing`), process 0 decides. When LATEST already names this step, another publisher of
+  it (a second refresher) won and cleaned the staged embeddings both were using: `version`, what
+  this job uploaded and nothing names, is removed and every process raises PublishConflict.
+  Otherwise every process raises FileNotFoundError. Nothing when no process missed a file."""
+  problems = [p for p in parallel.gather_json(missing) if p]
+  if not problems:
+    return
+  verdict = None
+  if jax.process_index() == 0:
+    try:
+      latest = latest_index_info(storage, prefix)
+    except RealmError:
+      latest = None
+    if latest is not None and latest.step >= step:
+      if version is not None:
+        storage.delete(f"{prefix}/{version}")
+      built = version or f"step {step}"
+      verdict = (f"{storage.uri(prefix)}/LATEST already names {latest.version} (step {latest.step}), published "
+                 f"while this publisher built {built}; the staged embeddings are gone and its partial upload "
+                 "is removed")
+  verdict = parallel.gather_json(verdict)[0]
+  if verdict:
+    raise publish.PublishConflict(verdict)
+  raise FileNotFoundError(problems[0])
+
+
 def _clean_staging(storage, work_prefix: str, step: int) -> None:
-  """Deletes staged embeddings of this step and older ones (left by crashed runs)."""
+  """Deletes staged embeddings of this step and older ones (left by crashed runs). Housekeeping
+  after a publish: a directory another publisher of the same step is still writing into cannot be
+  removed now; it is left (with a log line) for the next publish to clean."""
   for name in storage.listdir(work_prefix.strip("/")):
     head = name.split("-", 1)[0]
     if head.isdigit() and int(head) <= step:
-      storage.delete(f"{work_prefix.strip('/')}/{name}")
+      try:
+        storage.delete(f"{work_prefix.strip('/')}/{name}")
+      except StorageError as e:
+        log.warning("index: staged embeddings not cleaned yet (%s)", e)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from realm_jax.storage.backend import (
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 MULTIPART_MAX = 8 << 20  # google-cloud-storage's single-request (multipart) upload limit
+PROBE_TIMEOUT_S = 5.0  # one look at the bucket before any client library starts its minute of retries
+_REACHED: set[tuple[str, str]] = set()  # (endpoint, bucket) already reached by this process
 
 
 def emulator_environment(endpoint: str) -> dict[str, str]:
@@ -73,8 +75,9 @@ def check_emulator_environment() -> None:
   if wrong:
     raise StorageError(
         f"STORAGE_EMULATOR_HOST={host} is set but these variables do not match it: "
-        f"{', '.join(sorted(wrong))}; call realm_jax.storage.use_emulator({host!r}) before "
-        "using gs:// so gcsfs, tensorstore and orbax all talk to the emulator")
+        f"{', '.join(sorted(wrong))}; from Python call realm_jax.storage.use_emulator({host!r}) before "
+        "using gs:// so gcsfs, tensorstore and orbax all talk to the emulator (the realm-jax command does "
+        "this itself from STORAGE_EMULATOR_HOST)")
   gcsfs = sys.modules.get("gcsfs")
   if gcsfs is not None and gcsfs.GCSFileSystem.__name__ == "ExtendedGcsFileSystem":
     raise StorageError(
@@ -84,6 +87,36 @@ def check_emulator_environment() -> None:
 
 
 
+def probe_bucket(bucket: str) -> None:
+  """One HTTP request for the bucket's metadata, with a 5 s timeout, before any client library
+  (which would retry for a minute, then print a DNS or connection traceback): StorageError naming
+  the bucket and the endpoint when it cannot be reached."""
+  import urllib.error
+  import urllib.parse
+  import urllib.request
+
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  endpoint = (emulator or "https://storage.googleapis.com").rstrip("/")
+  if not endpoint.startswith(("http://", "https://")):
+    endpoint = "http://" + endpoint
+  if (endpoint, bucket) in _REACHED:
+    return
+  url = f"{endpoint}/storage/v1/b/{urllib.parse.quote(bucket, safe='')}?fields=name"
+  try:
+    with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
+      pass
+  except urllib.error.HTTPError:  # the server answered (401/403 without credentials here, 404 for a
+    pass  # bucket not made yet): reachable; what the clients then meet is theirs to report
+  except (urllib.error.URLError, OSError) as e:
+    reason = getattr(e, "reason", e)
+    if emulator:
+      raise StorageError(f"gs://{bucket}: cannot reach the GCS emulator at {endpoint} (STORAGE_EMULATOR_HOST) "
+                         f"({reason}); is it running on that port?") from None
+    raise StorageError(f"gs://{bucket}: cannot reach Google Cloud Storage at {endpoint} ({reason}); check the "
+                       "network, or point realm-jax at a GCS emulator with STORAGE_EMULATOR_HOST=http://HOST:PORT")
+  _REACHED.add((endpoint, bucket))
+
+
 class GcsBackend:
   """GCS (or an emulator at STORAGE_EMULATOR_HOST) through gcsfs + google-cloud-storage."""
 
@@ -91,6 +124,7 @@ class GcsBackend:
 
   def __init__(self, bucket: str, base: str):
     check_emulator_environment()
+    probe_bucket(bucket)
     import gcsfs.core
     self.emulated = bool(os.environ.get("STORAGE_EMULATOR_HOST"))
     # gcsfs.core.GCSFileSystem, not gcsfs.GCSFileSystem: never the experimental subclass.

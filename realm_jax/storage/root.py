@@ -36,6 +36,25 @@ def _check_rel(path: str, *, allow_root: bool = False) -> str:
   return p
 
 
+def _reason(e: OSError) -> str:
+  """An OSError as a user reads it: 'No space left on device', 'Read-only file system', ..."""
+  return e.strerror or str(e) or type(e).__name__
+
+
+@contextlib.contextmanager
+def _os_errors(uri: str, what: str):
+  """Turns an OSError of the store (full disk, read-only, a file where a directory should be)
+  into a StorageError naming `uri`: one line for the user, not a traceback."""
+  try:
+    yield
+  except StorageError:
+    raise
+  except FileNotFoundError as e:  # still a FileNotFoundError for callers that expect one
+    raise ObjectNotFound(f"{uri}: {what} failed: {_reason(e)}") from e
+  except OSError as e:
+    raise StorageError(f"{uri}: {what} failed: {_reason(e)}") from e
+
+
 class Storage:
   """A storage root: `Storage.open("gs://bucket/run")`, `Storage.open("/data/run")`, ...
 
@@ -68,6 +87,9 @@ class Storage:
       raise StorageError(f"{uri}: unsupported storage URI (use gs://, file://, a local path "
                          "or memory://)")
     root = pathlib.Path(uri).expanduser().absolute()
+    existing = next(p for p in (root, *root.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+      raise StorageError(f"{root}: not a directory ({existing} is a file): a storage root must be a directory")
     return cls(str(root), LocalBackend(root))
 
   def __repr__(self) -> str:
@@ -97,15 +119,18 @@ class Storage:
   def exists(self, path: str) -> bool:
     """True if `path` is an object (file), or a prefix with objects under it."""
     key = _check_rel(path)
-    return self.backend.stat(key) is not None or bool(self.backend.ls(key))
+    with _os_errors(self.uri(path), "looking it up"):
+      return self.backend.stat(key) is not None or bool(self.backend.ls(key))
 
   def stat(self, path: str) -> ObjectInfo | None:
     """Size (and on GCS generation + crc32c) of the object at `path`, or None if absent."""
-    return self.backend.stat(_check_rel(path))
+    with _os_errors(self.uri(path), "looking it up"):
+      return self.backend.stat(_check_rel(path))
 
   def read_bytes(self, path: str, *, generation: int | None = None) -> bytes:
     """The object's bytes; with `generation`, exactly that version or ObjectNotFound."""
-    return self.backend.read(_check_rel(path), generation)
+    with _os_errors(self.uri(path), "reading"):
+      return self.backend.read(_check_rel(path), generation)
 
   def read_range(self, path: str, start: int, length: int, *, generation: int | None = None) -> bytes:
     """`length` bytes of the object from byte `start` (fewer at its end): a process reads only
@@ -116,15 +141,16 @@ class Storage:
 
   def read_with_generation(self, path: str) -> tuple[bytes | None, int]:
     """(bytes, generation) for a later compare-and-swap; (None, 0) when absent."""
-    return self.backend.token(_check_rel(path))
+    with _os_errors(self.uri(path), "reading"):
+      return self.backend.token(_check_rel(path))
 
   def write_bytes(self, path: str, data: bytes, *, exclusive: bool = False,
                   if_generation_match: int | None = None) -> ObjectInfo:
     """Write atomically. `exclusive`: raise ObjectExists rather than overwrite.
     `if_generation_match`: write only if the object is still at that generation (0 = absent),
     else GenerationMismatch."""
-    return self.backend.write(_check_rel(path), bytes(data),
-                         self._precondition(exclusive, if_generation_match))
+    with _os_errors(self.uri(path), "writing"):
+      return self.backend.write(_check_rel(path), bytes(data), self._precondition(exclusive, if_generation_match))
 
   def put_file(self, local_file: str | os.PathLike, path: str, *, exclusive: bool = False,
                if_generation_match: int | None = None) -> ObjectInfo:
@@ -132,22 +158,24 @@ class Storage:
     write_bytes."""
     if not os.path.isfile(local_file):
       raise StorageError(f"{local_file}: no such local file to upload to {self.uri(path)}")
-    return self.backend.put_file(os.fspath(local_file), _check_rel(path),
-                            self._precondition(exclusive, if_generation_match))
+    with _os_errors(self.uri(path), "writing"):
+      return self.backend.put_file(os.fspath(local_file), _check_rel(path),
+                                   self._precondition(exclusive, if_generation_match))
 
   def get_file(self, path: str, local_file: str | os.PathLike, *,
                generation: int | None = None) -> pathlib.Path:
     """Download one object to a local file (atomically: temp + rename)."""
     local = pathlib.Path(local_file)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{HIDDEN}tmp-", dir=local.parent)
-    os.close(fd)
-    try:
-      self.backend.get_file(_check_rel(path), tmp, generation)
-      os.replace(tmp, local)
-    finally:
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+    with _os_errors(str(local), f"downloading {self.uri(path)}"):
+      local.parent.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(prefix=f"{HIDDEN}tmp-", dir=local.parent)
+      os.close(fd)
+      try:
+        self.backend.get_file(_check_rel(path), tmp, generation)
+        os.replace(tmp, local)
+      finally:
+        with contextlib.suppress(FileNotFoundError):
+          os.unlink(tmp)
     return local
 
   @staticmethod
@@ -202,15 +230,18 @@ class Storage:
   def list(self, prefix: str = "") -> list[str]:
     """Every object under `prefix` (a directory-like path, or "" for the root), sorted, as paths
     relative to the root."""
-    return sorted(self.backend.find(_check_rel(prefix, allow_root=True)))
+    with _os_errors(self.uri(prefix), "listing"):
+      return sorted(self.backend.find(_check_rel(prefix, allow_root=True)))
 
   def listdir(self, prefix: str = "") -> list[str]:
     """Names of the immediate children (objects and sub-prefixes) of `prefix`, sorted."""
-    return sorted(set(self.backend.ls(_check_rel(prefix, allow_root=True))))
+    with _os_errors(self.uri(prefix), "listing"):
+      return sorted(set(self.backend.ls(_check_rel(prefix, allow_root=True))))
 
   def delete(self, path_or_prefix: str) -> int:
     """Delete one object or everything under a prefix; returns how many objects went."""
-    return self.backend.rm(_check_rel(path_or_prefix))
+    with _os_errors(self.uri(path_or_prefix), "deleting"):
+      return self.backend.rm(_check_rel(path_or_prefix))
 
   def upload_dir(self, local_dir: str | os.PathLike, prefix: str, *,
                  exclusive: bool = False) -> dict[str, ObjectInfo]:

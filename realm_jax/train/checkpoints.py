@@ -4,11 +4,14 @@ Items: the model parts (`retriever`, `encoder` — the same names as `realm_jax.
 refresher restores `retriever` alone), `opt_state`, `rng` (dropout stream keys as raw key data, so
 a resumed run draws the same dropout masks), `data` (the input iterator's JSON state) and `meta`
 (step, config, index version). Saving is asynchronous; a step is visible to readers only once
-orbax has finalised it.
+orbax has finalised it, and every finalised step carries a checksum manifest (`sealing.py`) that
+each restore verifies first: a damaged or deleted file stops the restore with one line naming it.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 import jax
@@ -17,11 +20,35 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from realm_jax import weights
-from realm_jax.errors import RealmError
+from realm_jax.storage import Storage
+from realm_jax.train import sealing
+from realm_jax.train.sealing import CheckpointError, CorruptCheckpoint
+
+__all__ = ["CheckpointError", "Checkpoints", "CorruptCheckpoint", "rng_arrays", "set_rng_arrays"]
 
 
-class CheckpointError(RealmError):
-  """Checkpoints are missing, or do not fit the run being resumed."""
+def _short(e: BaseException) -> str:
+  """The first line of an exception from orbax / tensorstore (theirs can run to 150 lines)."""
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+_TS_PATH = re.compile(r'(?:Failed writing|Failed reading|local file): "([^"]+)"')
+_TS_OS_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+def _os_reason(e: BaseException) -> tuple[str | None, str]:
+  """(path, reason) of a failure: an OSError's file and strerror, or the file and OS error code
+  that tensorstore puts inside its message ('Failed writing: "PATH": ... [os_error_code=27]');
+  else (None, the first line)."""
+  if isinstance(e, OSError) and e.strerror:
+    return getattr(e, "filename", None), e.strerror
+  text = str(e)
+  code = _TS_OS_CODE.search(text)
+  if code:
+    paths = _TS_PATH.findall(text)
+    return (paths[-1] if paths else None), os.strerror(int(code.group(1)))
+  return None, _short(e)
 
 
 def _abstract(tree: Any) -> Any:
@@ -52,31 +79,71 @@ def set_rng_arrays(model: nnx.Module, arrays: dict[str, Any]) -> None:
 
 
 class Checkpoints:
-  """Save / restore the full training state on any storage root (gs:// included)."""
+  """Save / restore the full training state on any storage root (gs:// included), every step sealed
+  with a checksum manifest before orbax commits it and verified before it is restored."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    self.directory = directory.rstrip("/")
+    self._pending: int | None = None  # the step of the last save, until it is known finished
+    self.storage = Storage.open(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=not read_only, read_only=read_only)
-    self.directory = directory
-    self.manager = ocp.CheckpointManager(directory, options=options)
+                                           create=not read_only, read_only=read_only,
+                                           temporary_path_class=sealing.sealing_path_class(self.directory))
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    except OSError as e:
+      raise CheckpointError(f"{self.directory}: cannot open the checkpoints directory "
+                            f"({e.strerror or _short(e)})") from None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def leftovers(self) -> dict[str, int]:
+    """Step directories orbax never committed (a save killed mid-way): name -> step."""
+    finalized = {str(s) for s in self.all_steps()}
+    return {n: s for n, s in sealing.step_entries(self.storage).items() if n not in finalized}
+
   def step_to_resume(self, resume: bool) -> int | None:
     """The newest finalized step to resume from (None: start fresh); refuses to start a new run
-    over a root that already holds checkpoints unless `resume`."""
+    over a root that already holds checkpoints (or unfinished ones) unless `resume`."""
     latest = self.latest_step()
-    if latest is not None and not resume:
-      raise CheckpointError(f"{self.directory} already holds step {latest}: pass --resume to continue "
-                            "that run, or use a fresh storage root")
+    if not resume:
+      if latest is not None:
+        raise CheckpointError(f"{self.directory} already holds step {latest}: pass --resume to continue "
+                              "that run, or use a fresh storage root")
+      left = self.leftovers()
+      if left:
+        raise CheckpointError(f"{self.directory} holds an unfinished checkpoint write ({', '.join(sorted(left))}): "
+                              "pass --resume to clean it up and continue that run, or use a fresh storage root")
     return latest
+
+  def remove_leftovers(self, log) -> list[str]:
+    """Deletes the step directories orbax never committed (writes killed mid-way): a resumed run
+    writes those steps again, and orbax would otherwise skip or refuse them. Logs each one."""
+    removed = []
+    for name, step in sorted(self.leftovers().items(), key=lambda kv: kv[1]):
+      log(f"{self.directory}/{name}: an unfinished write of checkpoint step {step} (never committed, "
+          "e.g. a save killed mid-way); removing it")
+      self.storage.delete(name)
+      removed.append(name)
+    if removed:
+      self.manager.reload()
+    return removed
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
   def reload(self) -> None:
     self.manager.reload()
+
+  def verify(self, step: int, items: list[str] | None = None) -> None:
+    """Checks step `step` (its `items` only, when given) against its manifest; CorruptCheckpoint
+    names the first missing or damaged file."""
+    sealing.verify(self.storage, step, items)
+
+  def items(self, step: int) -> set[str]:
+    """The items (`retriever`, `encoder`, `reader`, `meta`, ...) step `step`'s manifest lists."""
+    return {rel.split("/", 1)[0] for rel in sealing.read_manifest(self.storage, step)["files"]}
 
   def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, data_state: dict,
            meta: dict, force: bool = False) -> bool:
@@ -85,13 +152,47 @@ class Checkpoints:
     items["rng"] = ocp.args.StandardSave(rng_arrays(model))
     items["data"] = ocp.args.JsonSave(data_state)
     items["meta"] = ocp.args.JsonSave({"step": step, **meta})
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.wait()  # the previous (asynchronous) save's failure is reported as that step's
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # orbax/tensorstore failures (disk full, ...) as one line
+      raise self._failed(f"saving checkpoint step {step}", e) from None
+    if saved:
+      self._pending = step
+    return saved
+
+  def _failed(self, what: str, e: BaseException) -> CheckpointError:
+    if isinstance(e, CheckpointError):
+      return e
+    path, reason = _os_reason(e)
+    latest = self._latest_quietly()
+    newest = "no checkpoint is complete yet" if latest is None else f"the newest complete checkpoint is step {latest}"
+    return CheckpointError(f"{path or self.directory}: {what} failed ({reason}); {newest}")
+
+  def _latest_quietly(self) -> int | None:
+    try:
+      self.manager.reload()
+      return self.manager.latest_step()
+    except Exception:  # only for a message
+      return None
 
   def read_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """The `meta` item of step `step` (verified first)."""
+    self.verify(step, ["meta"])
+    return self._restore(step, {"meta": ocp.args.JsonRestore()})["meta"]
+
+  def _restore(self, step: int, items: dict) -> dict:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(f"{self.directory}/{step}: does not fit this model/optimizer ({_short(e)})") from None
+    except Exception as e:  # a verified step that still fails: one line, not a tensorstore dump
+      raise CheckpointError(f"{self.directory}/{step}: cannot be restored ({_short(e)})") from None
 
   def restore(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer) -> tuple[dict, dict]:
-    """Restores everything in place onto the current shardings; returns (data state, meta)."""
+    """Restores everything in place onto the current shardings (after verifying every file);
+    returns (data state, meta)."""
+    self.verify(step)
     parts = weights.parts_of(model)
     opt_pure = nnx.to_pure_dict(nnx.state(optimizer))
     items = {p: ocp.args.StandardRestore(_abstract(weights.part_state(model, p))) for p in parts}
@@ -99,10 +200,7 @@ class Checkpoints:
     items["rng"] = ocp.args.StandardRestore(_abstract(rng_arrays(model)))
     items["data"] = ocp.args.JsonRestore()
     items["meta"] = ocp.args.JsonRestore()
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError) as e:
-      raise CheckpointError(f"{self.directory}/{step}: does not fit this model/optimizer ({e})") from e
+    out = self._restore(step, items)
     for p in parts:
       weights.set_part(model, p, out[p])
     opt_state = nnx.state(optimizer)
@@ -113,18 +211,22 @@ class Checkpoints:
 
   def restore_part(self, step: int, model: nnx.Module, part: str,
                    sharding: jax.sharding.Sharding | None = None) -> dict:
-    """Restores one model part (e.g. the refresher's `retriever`); returns the step's meta."""
+    """Restores one model part (e.g. the refresher's `retriever`), verified first; returns the
+    step's meta."""
+    self.verify(step, [part, "meta"])
     target = weights.abstract_part(model, part, sharding)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        **{part: ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}))
+    out = self._restore(step, {part: ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()})
     weights.set_part(model, part, out[part])
     return out["meta"]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    pending, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # an async save that failed in the background
+      what = "writing a checkpoint" if pending is None else f"writing checkpoint step {pending}"
+      raise self._failed(what, e) from None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
-
-

@@ -18,7 +18,7 @@ import pathlib
 from typing import Any
 
 from realm_jax import layout, rules, slices
-from realm_jax.config import RealmConfig, check, check_choice, check_positive_ints, get_preset
+from realm_jax.config import BertConfig, RealmConfig, check, check_choice, check_positive_ints, check_types, get_preset
 from realm_jax.errors import ConfigError
 
 _TASKS = ("realm", "ict")
@@ -54,6 +54,9 @@ class RunConfig:
   seed: int = 0
 
   def _check_run_fields(self, positive: tuple[str, ...]) -> None:
+    check_types(self)
+    if not isinstance(self.model, RealmConfig):
+      raise ConfigError(f"{type(self).__name__}.model must be a model config, got {self.model!r}")
     object.__setattr__(self, "param_sharding", rules.rule_tuples(self.param_sharding))
     check_positive_ints(self, positive + ("batch_size", "num_train_steps", "checkpoint_every", "keep_checkpoints",
                                           "log_every", "mesh_model"))
@@ -191,6 +194,13 @@ def apply_overrides(cfg, overrides: list[str]):
     else:
       raise ConfigError(f"unknown config key {key!r}; known: {sorted(fields)} and model.*")
   if model:
+    model_fields = {f.name for f in dataclasses.fields(RealmConfig)} - {"bert"}
+    bert_fields = {f.name for f in dataclasses.fields(BertConfig)}
+    for key in model:
+      known = bert_fields if key.startswith("bert.") else model_fields
+      if key.removeprefix("bert.") not in known:
+        where = "model.bert" if key.startswith("bert.") else "model"
+        raise ConfigError(f"unknown config key 'model.{key}'; known {where} keys: {', '.join(sorted(known))}")
     try:
       top["model"] = cfg.model.replace(**model)
     except TypeError as e:
@@ -213,9 +223,15 @@ def load_experiment(spec: str, config_type: type, overrides: list[str] | None = 
     if not path.exists():
       raise ConfigError(f"config file {spec!r} not found")
     try:
-      cfg = config_type.from_dict(json.loads(path.read_text()))
+      data = json.loads(path.read_text())
+      if not isinstance(data, dict) or "model" not in data:
+        raise ConfigError('no "model" field (a config JSON, as `save_config` writes it, holds every field, the '
+                          "model's included)")
+      cfg = config_type.from_dict(data)
+    except OSError as e:
+      raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
     except (json.JSONDecodeError, TypeError, ConfigError) as e:
-      raise ConfigError(f"{path}: not a {config_type.__name__} JSON file: {e}") from e
+      raise ConfigError(f"{path}: not a {config_type.__name__} JSON file: {e}") from None
     return apply_overrides(cfg, overrides or [])
   if not path.suffix:
     if spec not in experiment_names():

@@ -4,7 +4,8 @@ jitted step, metrics and progress lines, and the non-finite check.
 
 `TrainLoop` is their base class. A subclass builds its data and model, calls `_place` and `_resume`,
 then `_compile(step_fn, ...)` with its module-level step (`train/realm_step.train_step`,
-`openqa/step.train_step`); its `run()` feeds batches to `_step` and calls `_report` and
+`openqa/step.train_step`); its `_run()` (called by `run()`, which takes Ctrl-C only between two
+steps: `realm_jax/interrupts.py`) feeds batches to `_step` and calls `_report` and
 `_checkpoint`, which checks that every loss and gradient norm since the last check is finite before
 anything is saved: a NaN stops the run with `NonFiniteLoss` and the last good checkpoint stays the
 newest one.
@@ -21,11 +22,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from realm_jax import layout, parallel
+from realm_jax import interrupts, layout, parallel
+from realm_jax.config import RealmConfig
 from realm_jax.errors import RealmError
 from realm_jax.logs import RunLog
 from realm_jax.storage import Storage
-from realm_jax.train.checkpoints import Checkpoints
+from realm_jax.train.checkpoints import CheckpointError, Checkpoints, CorruptCheckpoint
+from realm_jax.train.config import flat_fields
 from realm_jax.train.metrics import MetricsWriter, progress_line
 
 
@@ -65,23 +68,60 @@ class TrainLoop:
     nnx.update((model, optimizer), parallel.place_state(state, self.state_sharding))
 
   def _resume(self, resume: bool, check_meta: Callable[[int, dict], None] | None = None) -> dict | None:
-    """Opens `checkpoints/`; with `resume`, restores the newest finalized step in place and returns
-    its data state (None when starting fresh). Without `resume`, existing checkpoints are refused."""
+    """Opens `checkpoints/`; with `resume`, removes unfinished writes a killed save left, verifies the
+    newest finalized step against its manifest and that it is a checkpoint of this kind of run and
+    model, restores it in place and returns its data state (None when starting fresh). Without
+    `resume`, existing checkpoints are refused."""
     cfg = self.cfg
     self.ckpt = Checkpoints(self.storage.uri(layout.CHECKPOINTS), keep=cfg.keep_checkpoints,
                             async_save=cfg.async_checkpointing)
     latest = self.ckpt.step_to_resume(resume)
+    if resume and self.is_chief:
+      self.ckpt.remove_leftovers(self.log)
+    parallel.barrier(f"realm-jax-{self.log.logger.name}-leftovers-removed")
     if latest is None:
       if resume:
         self.log("no checkpoint to resume from: starting at step 0")
       return None
+    try:
+      self.ckpt.verify(latest)
+    except CorruptCheckpoint as e:
+      older = [s for s in self.ckpt.all_steps() if s < latest]
+      hint = (f"; the checkpoint before it is step {max(older)}: move {self.ckpt.directory}/{latest} aside to "
+              "resume from that one" if older else "; no older checkpoint is left")
+      raise CorruptCheckpoint(f"{e} (checkpoint step {latest} is damaged{hint})") from None
+    meta = self.ckpt.read_meta(latest)
+    self._check_resumed(latest, meta)
     if check_meta is not None:
-      check_meta(latest, self.ckpt.read_meta(latest))
+      check_meta(latest, meta)
     data_state, meta = self.ckpt.restore(latest, self.model, self.optimizer)
     self.step = int(meta["step"])
     self.resumed_meta = meta
     self.log(f"resumed from checkpoint step {self.step}")
     return data_state
+
+  kind = "realm"  # what `meta["kind"]` says of this loop's checkpoints (the trainer: its task)
+
+  def _check_resumed(self, step: int, meta: dict) -> None:
+    """Refuses a checkpoint of another kind of run (ICT, REALM, Open-QA) or of another model."""
+    where = f"{self.ckpt.directory}/{step}"
+    stored = meta.get("config") or {}
+    theirs = meta.get("kind") or stored.get("task")
+    if theirs != self.kind:
+      commands = {"realm": "realm-jax pretrain", "ict": "realm-jax ict", "openqa": "realm-jax finetune"}
+      raise CheckpointError(f"{where} is a checkpoint of a {theirs!r} run ({commands.get(theirs, '?')}), this is "
+                            f"a {self.kind!r} run: resume it with {commands.get(theirs, 'that command')} or use a "
+                            "fresh storage root")
+    try:
+      model = RealmConfig.from_dict(stored["model"])
+    except (KeyError, TypeError, RealmError) as e:
+      raise CheckpointError(f"{where}: the checkpoint's stored model config is unreadable ({e})") from None
+    if model.fingerprint() != self.cfg.model.fingerprint():
+      ours, old = flat_fields(self.cfg.model), flat_fields(model)
+      diff = [f"model.{k}={old.get(k)!r} there, {v!r} here" for k, v in ours.items() if old.get(k) != v]
+      raise CheckpointError(f"{where} was written by model {model.fingerprint()}, this run's is "
+                            f"{self.cfg.model.fingerprint()} ({'; '.join(diff[:4])}): resume with the same model "
+                            "config or use a fresh storage root")
 
   def _compile(self, step_fn: Callable, **static: Any) -> None:
     """`step_fn(graphdef, state, *inputs, **static)` jitted: the state donated, its shardings kept."""
@@ -89,8 +129,17 @@ class TrainLoop:
     self._train_step = jax.jit(functools.partial(step_fn, graphdef, **static), donate_argnums=0,
                                out_shardings=(self.state_sharding, None))
 
+  def run(self) -> Any:
+    """Trains (the subclass's `_run`); Ctrl-C stops it before the next step, never inside JAX."""
+    with interrupts.deferred():
+      return self._run()
+
+  def _run(self) -> Any:
+    raise NotImplementedError
+
   def _step(self, *inputs: Any, end: int) -> dict[str, jax.Array]:
     """One jitted step on the current state; returns its (device) metrics."""
+    interrupts.check()
     state = nnx.state((self.model, self.optimizer))
     if jax.process_count() > 1 and not hasattr(self._train_step, "as_text"):
       # Compile ahead, then meet: processes enter the first collective together.

@@ -124,7 +124,15 @@ class Trainer(TrainLoop):
       if len(per_process) != jax.process_count():
         raise ConfigError(f"checkpoint step {self.step} was written by {len(per_process)} processes; resume it "
                           f"with the same number (this run has {jax.process_count()})")
-      self.loader.set_state(per_process[jax.process_index()])
+      state = per_process[jax.process_index()]
+      saved = {s.get("config", {}).get("num_records") for s in state.get("shards", [])}
+      if saved and saved != {len(queries)}:
+        where = query_corpus.storage.uri(query_corpus.prefix)
+        raise ConfigError(f"{where}: the corpus holds {len(queries)} blocks now, checkpoint step "
+                          f"{self.step} was trained on one of {', '.join(map(str, sorted(saved)))} blocks (it was "
+                          "rebuilt since): resume with the corpus it was trained on, or start a new run on a fresh "
+                          "storage root")
+      self.loader.set_state(state)
     if self.write_done and self.is_chief and self.storage.exists(layout.TRAINING_DONE):
       self.storage.delete(layout.TRAINING_DONE)
 
@@ -143,6 +151,11 @@ class Trainer(TrainLoop):
     self.model.train()
     self._embed_queries = jax.jit(
         lambda state, *features: nnx.merge(eval_graphdef, state).retriever.embed_queries(*features))
+
+  @property
+  def kind(self) -> str:
+    """The task of this run (`realm` or `ict`): a checkpoint of the other task is refused."""
+    return self.cfg.task
 
   # -- index ---------------------------------------------------------------------------------------
   def _publish_index(self) -> None:
@@ -228,7 +241,7 @@ class Trainer(TrainLoop):
       out["index_staleness"] = float(self.step - self.active.info.step)
     return out
 
-  def run(self) -> TrainResult:
+  def _run(self) -> TrainResult:
     """Trains to `num_train_steps` (or `stop_after` more steps); see the module docstring."""
     cfg = self.cfg
     writer = MetricsWriter(self.storage, cfg.task, enabled=self.is_chief)
@@ -249,7 +262,7 @@ class Trainer(TrainLoop):
                      rate_name="examples_per_second", extra=self._extra_scalars, shown=shown)
         # orbax writes JSON items from process 0 only: every process's input position is gathered.
         self._checkpoint(writer, end, lambda: {"processes": parallel.gather_json(self.loader.get_state())},
-                         {"index_version": self.active.info.version if self.active else None})
+                         {"kind": cfg.task, "index_version": self.active.info.version if self.active else None})
     finally:
       if self.watcher is not None:
         self.watcher.stop()
