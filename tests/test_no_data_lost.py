@@ -134,9 +134,12 @@ def test_corpus_overwrite_with_bad_input_keeps_the_old_corpus(tmp_path, capsys):
                "--shard-blocks", "4", "--overwrite", "--quiet"]) == 0
   reader = CorpusReader(Storage.open(str(root)))
   assert reader.num_blocks == 10 and [b.title for b in reader.iter_blocks()] == [f"T{i}" for i in range(10)]
-  listed = {s["path"] for s in reader.shards}
-  on_disk = {p.name for p in (root / "corpus").iterdir() if p.name.endswith(".npz")}
+  listed = {s[kind]["path"] for s in reader.shards for kind in ("tokens", "spans", "text")}
+  on_disk = {p.name for p in (root / "corpus").iterdir() if p.name.endswith((".npz", ".npy"))}
   assert on_disk == listed
+  # One tokenizer directory: the one the new manifest names (the replaced corpus's is gone).
+  tok_dir = reader.manifest["tokenizer"].get("dir", "tokenizer")
+  assert {p.name for p in (root / "corpus").iterdir() if p.is_dir()} == {tok_dir}
   reader.tokenizer()  # the tokenizer files match the new manifest
 
 
