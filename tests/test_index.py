@@ -206,3 +206,51 @@ def test_mismatched_corpus_or_config_refused(tmp_path, embedder, embed_fn):
     index_lib.load_index(storage, corpus=smaller)
   with pytest.raises(index_lib.IndexMismatch, match="model config"):
     index_lib.load_index(storage, config=CFG.replace(retriever_dim=64))
+
+
+def test_a_second_version_of_latests_step_is_refused(tmp_path, embedder, embed_fn):
+  storage = Storage.open(str(tmp_path / "root"))
+  corpus = make_corpus(storage, tmp_path, num_docs=4, shard_blocks=4)
+  first = _build(storage, embedder, corpus, 40, embed_fn=embed_fn)
+  with pytest.raises(publish.PublishConflict, match="not older"):
+    _build(storage, embedder, corpus, 40, embed_fn=embed_fn)
+  assert publish.list_versions(storage, "index") == [first.version]  # one version of step 40
+
+
+def _vanishing_staging(storage, on_first_read):
+  """Makes the first read of a staged embedding file call `on_first_read()` first."""
+  real, calls = storage.read_bytes, []
+
+  def read_bytes(path, *args, **kwargs):
+    if path.startswith(index_lib.WORK_PREFIX) and not calls:
+      calls.append(path)
+      on_first_read()
+    return real(path, *args, **kwargs)
+
+  storage.read_bytes = read_bytes
+  return calls
+
+
+def test_losing_the_race_for_a_step_removes_this_publishers_version(tmp_path, embedder, embed_fn):
+  root = str(tmp_path / "root")
+  storage = Storage.open(root)
+  corpus = make_corpus(storage, tmp_path, num_docs=4, shard_blocks=4)
+  winner = []
+  # Another publisher of step 50 wins while this one uploads, and cleans the staged embeddings.
+  calls = _vanishing_staging(storage, lambda: winner.append(_build(Storage.open(root), embedder, corpus, 50,
+                                                                   embed_fn=embed_fn)))
+  with pytest.raises(publish.PublishConflict, match="staged embeddings are gone"):
+    _build(storage, embedder, corpus, 50, embed_fn=embed_fn)
+  assert calls and winner
+  assert publish.list_versions(storage, "index") == [winner[0].version]
+  assert [p for p in storage.list("index") if not p.startswith(f"index/{winner[0].version}/")] == ["index/LATEST"]
+  assert index_lib.latest_index_info(storage).version == winner[0].version
+
+
+def test_vanished_staging_without_a_winner_is_an_error(tmp_path, embedder, embed_fn):
+  storage = Storage.open(str(tmp_path / "root"))
+  corpus = make_corpus(storage, tmp_path, num_docs=4, shard_blocks=4)
+  _vanishing_staging(storage, lambda: Storage.open(str(tmp_path / "root")).delete(index_lib.WORK_PREFIX))
+  with pytest.raises(FileNotFoundError):
+    _build(storage, embedder, corpus, 60, embed_fn=embed_fn)
+  assert index_lib.latest_index_info(storage) is None
