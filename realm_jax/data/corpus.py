@@ -152,6 +152,7 @@ class ShardWriter:
     self.storage, self.prefix, self.shard_blocks, self.tag = storage, prefix, shard_blocks, tag
     self.block_len, self.tok, self.dtype = block_len, tok, token_dtype(tok.vocab_size)
     self.tok_dir = f"tokenizer-{tag}" if tag else "tokenizer"
+    self._written: list[str] = []
     self.buffer: list[Block] = []
     self.shards: list[dict] = []
     self.next_id = 0
@@ -170,6 +171,7 @@ class ShardWriter:
     names = file_names(len(self.shards), self.tag)
     entry = {"first_block": self.buffer[0].block_id, "num_blocks": len(self.buffer)}
     for kind, data in files.items():
+      self._written.append(f"{self.prefix}/{names[kind]}")  # before the write: a failed one is cleaned too
       self.storage.write_bytes(f"{self.prefix}/{names[kind]}", data)
       entry[kind] = (token_file_entry(names[kind], data, len(self.buffer)) if kind == "tokens" else
                      {"path": names[kind], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
@@ -177,8 +179,8 @@ class ShardWriter:
     self.buffer = []
 
   def written(self) -> list[str]:
-    """Paths (relative to the storage root) of every file written so far."""
-    return [f"{self.prefix}/{s[kind]['path']}" for s in self.shards for kind in ("tokens", "spans", "text")]
+    """Paths (relative to the storage root) of every file written so far (or being written)."""
+    return list(self._written)
 
   def manifest(self, tok_files: dict, tagger: str, stats: dict, inputs: list[str], **extra) -> dict:
     tokenizer = {**self.tok.spec(), "files": tok_files}
