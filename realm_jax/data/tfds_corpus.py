@@ -44,7 +44,7 @@ class RealmBlocks(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Blocks from a realm-jax corpus or from JSONL/text/MediaWiki documents."}
   BUILDER_CONFIGS = [RealmBlocksConfig(name="default", description="bert-base-uncased WordPiece, 288 tokens")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Put a built realm-jax corpus (manifest.json + shard-*.npz) or document files "
+      "Put a built realm-jax corpus (manifest.json + tokens-*.npy, spans-*.npz, text-*.npz) or document files "
       "(.jsonl/.txt/.xml/.xml.bz2) in the manual_dir.")
 
   @tfds.core.utils.classproperty
