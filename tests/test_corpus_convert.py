@@ -77,3 +77,24 @@ def test_format_1_is_refused_then_converted(tmp_path, capsys):
   assert len(list((root / "old").glob("shard-*.npz"))) == -(-n // 8) > 1  # the old files are still there
   assert main(["corpus", "convert", "--storage", str(root), "--prefix", "old"]) == 2  # already format 2
   assert "not a format-1 corpus" in capsys.readouterr().err
+
+
+def test_overwriting_a_format_1_corpus_builds_format_2_beside_it_then_removes_it(tmp_path):
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text("".join(json.dumps({"title": f"Person {i}", "text": f"Person {i} was born in Paris in 19{i:02d}."})
+                          + "\n" for i in range(20)))
+  root = tmp_path / "root"
+  storage = Storage.open(str(root))
+  manifest = build_corpus([str(docs)], storage, block_len=24, shard_blocks=8)
+  write_format_1(storage, list(CorpusReader(storage).iter_blocks()), manifest, shard_blocks=8)
+  assert list((root / "old").glob("shard-*.npz"))
+  new = build_corpus([str(docs)], storage, prefix="old", block_len=24, shard_blocks=8, overwrite=True)
+  tag = new["tokenizer"]["dir"].removeprefix("tokenizer-")
+  assert len(tag) == 8 and all(s[k]["path"].startswith(f"{k}-{tag}-") for s in new["shards"] for k in s
+                               if k in ("tokens", "spans", "text"))
+  listed = {s[k]["path"] for s in new["shards"] for k in ("tokens", "spans", "text")}
+  assert {p.name for p in (root / "old").iterdir() if p.is_file()} == listed | {"manifest.json"}
+  assert {p.name for p in (root / "old").iterdir() if p.is_dir()} == {new["tokenizer"]["dir"]}
+  reader = CorpusReader(storage, "old")
+  reader.tokenizer()
+  assert [b.title for b in reader.iter_blocks()] == [b.title for b in CorpusReader(storage).iter_blocks()]
