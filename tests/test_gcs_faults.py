@@ -1,0 +1,139 @@
+"""GCS faults: an index publish, an index load and checkpoint save/restore through a proxy in front of
+fake-gcs-server (`tests/helpers/gcs_fault_proxy.py`) that answers 5xx, resets connections, drops
+responses after the server acted, and delays. Each test counts the faults the proxy injected and
+checks the data against its source.
+
+The code under test runs in a subprocess whose emulator environment points at the proxy
+(tensorstore reads its endpoint once per process); the checks read the bucket directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from realm_jax import publish as pub
+from realm_jax.storage import Storage, emulator_environment
+from tests.helpers.gcs_fault_proxy import FaultProxy
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# -- the child process: runs one operation against the root it is given -------------------------
+
+
+def _child_publish(root: str, src: str, version: str) -> None:
+  storage = Storage.open(root)
+  pub.publish(storage, "index", version, pub.files_from_dir(src), {"from": "child"})
+
+
+def _child_load(root: str, out: str) -> None:
+  from realm_jax.retrieval import index as index_lib
+  loaded = index_lib.load_index(Storage.open(root))
+  np.save(out, loaded.embeddings)
+  print(json.dumps({"version": loaded.info.version}))
+
+
+def _model(seed: int):
+  import optax
+  from flax import nnx
+
+  from realm_jax.models import RealmModel
+  from realm_jax.train.config import load_config
+  cfg = load_config("smoke", [])
+  model = RealmModel(cfg.model, rngs=nnx.Rngs(seed))
+  return cfg, model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+
+
+def _params(model) -> dict[str, np.ndarray]:
+  from flax import nnx
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat}
+
+
+def _child_save(root: str, step: str, out: str) -> None:
+  from realm_jax.train.checkpoints import Checkpoints
+  cfg, model, optimizer = _model(int(step))
+  ckpt = Checkpoints(Storage.open(root).uri("checkpoints"), keep=10, async_save=False)
+  ckpt.save(int(step), model, optimizer, {"pos": int(step)}, {"config": cfg.to_dict()})
+  ckpt.close()
+  np.savez(out, **_params(model))
+
+
+def _child_restore(root: str, step: str, out: str) -> None:
+  from realm_jax.train.checkpoints import Checkpoints
+  _, model, optimizer = _model(999)
+  ckpt = Checkpoints(Storage.open(root).uri("checkpoints"), read_only=True)
+  data, meta = ckpt.restore(int(step), model, optimizer)
+  assert data == {"pos": int(step)} and meta["step"] == int(step), (data, meta)
+  np.savez(out, **_params(model))
+
+
+def main(argv: list[str]) -> None:
+  from realm_jax.errors import RealmError
+  try:
+    {"publish": _child_publish, "load": _child_load, "save": _child_save,
+     "restore": _child_restore}[argv[0]](*argv[1:])
+  except RealmError as e:  # what the CLI prints: one line
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _run(proxy: FaultProxy, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+  env = {**os.environ, **emulator_environment(proxy.endpoint), "PYTHONPATH": str(REPO)}
+  return subprocess.run(
+      [sys.executable, "-c", "import sys; from tests.test_gcs_faults import main; main(sys.argv[1:])",
+       *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+  assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _source(tmp_path: pathlib.Path, name: str, seed: int) -> pathlib.Path:
+  rng = np.random.default_rng(seed)
+  d = tmp_path / name
+  (d / "scann").mkdir(parents=True)
+  for rel, n in [("a.bin", 3000), ("b.bin", 70_000), ("c.bin", 10), ("scann/config.pb", 500)]:
+    (d / rel).write_bytes(rng.bytes(n))
+  return d
+
+
+def _tree(d: pathlib.Path) -> dict[str, bytes]:
+  return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+def test_publish_through_5xx_resets_lost_responses_and_delays(gcs_server, tmp_path):
+  """Every kind of fault on the writes of one publish: the publish succeeds through the clients'
+  retries, LATEST names the new version, and every file is byte for byte its source. A write whose
+  response was lost (the server created the object, the client saw a reset) is retried and meets
+  its own object: that must not read as another publisher's."""
+  root = gcs_server.new_bucket("publish") + "/run"
+  storage = Storage.open(root)
+  pub.publish(storage, "index", "1", pub.files_from_dir(_source(tmp_path, "v1", 1)))
+  src = _source(tmp_path, "v2", 2)
+  up = r"^POST /upload/storage/v1/b/[^/]+/o\?.*name=run/index/"
+  with FaultProxy(gcs_server.endpoint) as proxy:
+    proxy.add("503", up + r"2/a\.bin")
+    proxy.add("reset", up + r"2/b\.bin")
+    proxy.add("drop", up + r"2/c\.bin")
+    proxy.add("delay", up + r"2/scann/config\.pb", delay_s=1.0)
+    proxy.add("drop", up + r"2/manifest\.json")
+    proxy.add("500", r"^GET /download/.*/run/index/LATEST")
+    proxy.add("drop", up + r"LATEST")
+    proc = _run(proxy, "publish", root, str(src), "2")
+    _ok(proc)
+    assert {k: proxy.count(k) for k in ("503", "500", "reset", "drop", "delay")} == {
+        "503": 1, "500": 1, "reset": 1, "drop": 3, "delay": 1}, proxy.injected
+  assert pub.list_versions(storage, "index") == ["1", "2"]
+  latest = pub.open_latest(storage, "index")  # verifies every file against the manifest
+  assert latest.version == "2" and latest.metadata == {"from": "child"}
+  assert {n: latest.read_bytes(n) for n in latest.manifest.files} == _tree(src)
