@@ -137,3 +137,33 @@ def test_publish_through_5xx_resets_lost_responses_and_delays(gcs_server, tmp_pa
   latest = pub.open_latest(storage, "index")  # verifies every file against the manifest
   assert latest.version == "2" and latest.metadata == {"from": "child"}
   assert {n: latest.read_bytes(n) for n in latest.manifest.files} == _tree(src)
+
+
+def test_index_load_through_faults_returns_the_published_embeddings(gcs_server, tmp_path):
+  """The trainer's loader (`load_index`) through 5xx, resets, lost responses and delays on every
+  kind of read it makes: the embeddings equal a fault-free load's, bit for bit."""
+  from realm_jax.retrieval import index as index_lib
+  from realm_jax.retrieval.embed import make_embed_fn
+  from tests.test_embed import CFG, make_corpus, make_embedder
+
+  root = gcs_server.new_bucket("load") + "/run"
+  storage = Storage.open(root)
+  corpus = make_corpus(storage, tmp_path, num_docs=6, shard_blocks=4)
+  embedder = make_embedder()
+  info = index_lib.build_and_publish_index(storage, embedder, corpus, CFG, step=5,
+                                           embed_fn=make_embed_fn(embedder, batch_size=8))
+  expected = index_lib.load_index(storage).embeddings
+  assert len(info.shards) >= 2 and expected.shape[0] == corpus.num_blocks
+  with FaultProxy(gcs_server.endpoint) as proxy:
+    proxy.add("503", r"^GET /download/.*/run/index/LATEST")
+    proxy.add("reset", r"^GET /download/.*/run/index/.*/manifest\.json")
+    proxy.add("500", r"^GET /storage/v1/b/[^/]+/o/run/index/.*/embeddings/")  # the stats of verify()
+    proxy.add("drop", r"^GET /download/.*/run/index/.*/embeddings/", times=1)
+    proxy.add("503", r"^GET /download/.*/run/index/.*/embeddings/", after=1)
+    proxy.add("delay", r"^GET /download/.*/run/index/.*/embeddings/", delay_s=1.0)
+    proc = _run(proxy, "load", root, str(tmp_path / "loaded.npy"))
+    _ok(proc)
+    assert {k: proxy.count(k) for k in ("503", "500", "reset", "drop", "delay")} == {
+        "503": 2, "500": 1, "reset": 1, "drop": 1, "delay": 1}, proxy.injected
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["version"] == info.version
+  np.testing.assert_array_equal(np.load(tmp_path / "loaded.npy"), expected)
