@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -69,13 +70,17 @@ def _child_restore(root: str, step: str, out: str) -> None:
   from realm_jax.train.checkpoints import Checkpoints
   _, model, optimizer = _model(999)
   ckpt = Checkpoints(Storage.open(root).uri("checkpoints"), read_only=True)
+  step = ckpt.latest_step() if step == "latest" else step
+  print(json.dumps({"step": int(step), "steps": ckpt.all_steps(), "leftovers": ckpt.leftovers()}))
   data, meta = ckpt.restore(int(step), model, optimizer)
   assert data == {"pos": int(step)} and meta["step"] == int(step), (data, meta)
   np.savez(out, **_params(model))
 
 
 def main(argv: list[str]) -> None:
+  from realm_jax import logs
   from realm_jax.errors import RealmError
+  logs.configure("info")  # as the CLI does
   try:
     {"publish": _child_publish, "load": _child_load, "save": _child_save,
      "restore": _child_restore}[argv[0]](*argv[1:])
@@ -106,6 +111,15 @@ def _source(tmp_path: pathlib.Path, name: str, seed: int) -> pathlib.Path:
 
 def _tree(d: pathlib.Path) -> dict[str, bytes]:
   return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-4000:])
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+  for line in lines[:-1]:  # the libraries' own records, one line each (Python's, tensorstore's C++ ones)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (ERROR|WARNING) |[IWE]\d{4} ", line), proc.stderr[-4000:]
+  return lines[-1]
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -165,5 +179,81 @@ def test_index_load_through_faults_returns_the_published_embeddings(gcs_server, 
     _ok(proc)
     assert {k: proxy.count(k) for k in ("503", "500", "reset", "drop", "delay")} == {
         "503": 2, "500": 1, "reset": 1, "drop": 1, "delay": 1}, proxy.injected
+    proxy.clear()  # a shard the store refuses (403, not retried): one line naming it
+    proxy.add("403", r"^GET /download/.*/run/index/.*/embeddings/emb-00001\.npy", times=None)
+    line = _one_line(_run(proxy, "load", root, str(tmp_path / "refused.npy")))
+    assert f"{root}/index/{info.version}/embeddings/emb-00001.npy" in line and "403" in line, line
+    assert not (tmp_path / "refused.npy").exists()
   assert json.loads(proc.stdout.strip().splitlines()[-1])["version"] == info.version
   np.testing.assert_array_equal(np.load(tmp_path / "loaded.npy"), expected)
+
+
+def test_checkpoint_save_and_restore_through_faults(gcs_server, tmp_path):
+  """A trainer checkpoint written and read back through 5xx, resets, lost responses and delays on
+  orbax/tensorstore's requests and on the checksum manifest: the restored parameters equal the
+  saved model's, and the step is sealed and verifies."""
+  from realm_jax.train import sealing
+
+  root = gcs_server.new_bucket("ckpt") + "/run"
+  up = r"^POST /upload/storage/v1/b/[^/]+/o\?.*name=run/checkpoints/2/"
+  with FaultProxy(gcs_server.endpoint, seed=3) as proxy:
+    proxy.add("503", up + r".*/d/", times=2)
+    proxy.add("reset", up + r".*/d/", times=1)
+    proxy.add("503", up + r"realm_manifest\.json")
+    proxy.add("drop", up + r"realm_manifest\.json")
+    proxy.add("delay", up + r"meta/", delay_s=0.5)
+    proc = _run(proxy, "save", root, "2", str(tmp_path / "saved.npz"))
+    _ok(proc)
+    saved_faults = len(proxy.injected)
+    assert {k: proxy.count(k) for k in ("503", "reset", "drop", "delay")} == {
+        "503": 3, "reset": 1, "drop": 1, "delay": 1}, proxy.injected
+    proxy.clear()
+    get = r"^GET /.*run/checkpoints/2/"
+    proxy.add("503", get + r".*/d/", times=2)
+    proxy.add("reset", get + r".*/d/", times=1)
+    proxy.add("500", get + r"realm_manifest\.json")
+    proxy.add("delay", get + r"meta/", delay_s=0.5)
+    proc = _run(proxy, "restore", root, "2", str(tmp_path / "restored.npz"))
+    _ok(proc)
+    assert {k: proxy.count(k) for k in ("503", "500", "reset", "delay")} == {
+        "503": 5, "500": 1, "reset": 2, "delay": 2}, proxy.injected[saved_faults:]
+  sealing.verify(Storage.open(root + "/checkpoints"), 2, None)
+  saved, restored = np.load(tmp_path / "saved.npz"), np.load(tmp_path / "restored.npz")
+  assert sorted(saved.files) == sorted(restored.files) and len(saved.files) > 10
+  for name in saved.files:
+    np.testing.assert_array_equal(restored[name], saved[name], err_msg=name)
+
+
+def test_refused_writes_and_reads_fail_in_one_line_and_leave_the_last_good_state(gcs_server, tmp_path):
+  """A store that refuses (403 on every matching request, which no client retries): the publish
+  and the checkpoint save each stop with one line naming the gs:// object; LATEST still
+  names the previous complete version, and the half-written checkpoint step is never restored."""
+  root = gcs_server.new_bucket("refused") + "/run"
+  storage = Storage.open(root)
+  v1 = _source(tmp_path, "v1", 1)
+  pub.publish(storage, "index", "1", pub.files_from_dir(v1))
+  up = r"^POST /upload/storage/v1/b/[^/]+/o\?.*name=run/"
+  with FaultProxy(gcs_server.endpoint) as proxy:
+    proxy.add("403", up + r"index/LATEST", times=None)
+    line = _one_line(_run(proxy, "publish", root, str(_source(tmp_path, "v2", 2)), "2"))
+    assert f"{root}/index/LATEST" in line and "403" in line, line
+    assert proxy.count("403") >= 1
+    latest = pub.open_latest(storage, "index")
+    assert latest.version == "1" and {n: latest.read_bytes(n) for n in latest.manifest.files} == _tree(v1)
+
+
+    proxy.clear()
+    _ok(_run(proxy, "save", root, "2", str(tmp_path / "saved2.npz")))
+    before = proxy.count("403")
+    proxy.add("403", up + r"checkpoints/4/.*/d/", times=None)
+    line = _one_line(_run(proxy, "save", root, "4", str(tmp_path / "saved4.npz")))
+    assert proxy.count("403") > before
+    assert f"{root}/checkpoints" in line and "step 4" in line and "step 2" in line, line
+    proxy.clear()
+    proc = _run(proxy, "restore", root, "latest", str(tmp_path / "restored.npz"))
+    _ok(proc)
+  seen = json.loads(proc.stdout.strip().splitlines()[0])
+  assert seen["step"] == 2 and seen["steps"] == [2] and seen["leftovers"] == {"4": 4}, seen
+  saved, restored = np.load(tmp_path / "saved2.npz"), np.load(tmp_path / "restored.npz")
+  for name in saved.files:
+    np.testing.assert_array_equal(restored[name], saved[name], err_msg=name)
