@@ -9,6 +9,7 @@ The code under test runs in a subprocess whose emulator environment points at th
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
@@ -61,20 +62,24 @@ def _child_save(root: str, step: str, out: str) -> None:
   from realm_jax.train.checkpoints import Checkpoints
   cfg, model, optimizer = _model(int(step))
   ckpt = Checkpoints(Storage.open(root).uri("checkpoints"), keep=10, async_save=False)
+  ckpt.remove_leftovers(print)  # as a resumed trainer does
   ckpt.save(int(step), model, optimizer, {"pos": int(step)}, {"config": cfg.to_dict()})
   ckpt.close()
   np.savez(out, **_params(model))
 
 
-def _child_restore(root: str, step: str, out: str) -> None:
+def _child_restore(root: str, steps: str, out: str) -> None:
+  """Restores each of `steps` (comma-separated; `latest`: the newest) into a fresh model and saves
+  its parameters as `out-<step>.npz`."""
   from realm_jax.train.checkpoints import Checkpoints
   _, model, optimizer = _model(999)
   ckpt = Checkpoints(Storage.open(root).uri("checkpoints"), read_only=True)
-  step = ckpt.latest_step() if step == "latest" else step
-  print(json.dumps({"step": int(step), "steps": ckpt.all_steps(), "leftovers": ckpt.leftovers()}))
-  data, meta = ckpt.restore(int(step), model, optimizer)
-  assert data == {"pos": int(step)} and meta["step"] == int(step), (data, meta)
-  np.savez(out, **_params(model))
+  print(json.dumps({"latest": ckpt.latest_step(), "steps": ckpt.all_steps(), "leftovers": ckpt.leftovers()}))
+  for step in steps.split(","):
+    step = ckpt.latest_step() if step == "latest" else int(step)
+    data, meta = ckpt.restore(step, model, optimizer)
+    assert data == {"pos": step} and meta["step"] == step, (data, meta)
+    np.savez(f"{out}-{step}.npz", **_params(model))
 
 
 def main(argv: list[str]) -> None:
@@ -116,10 +121,12 @@ def _tree(d: pathlib.Path) -> dict[str, bytes]:
 def _one_line(proc: subprocess.CompletedProcess) -> str:
   assert proc.returncode == 2, (proc.returncode, proc.stderr[-4000:])
   lines = proc.stderr.strip().splitlines()
-  assert lines[-1].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-4000:]
-  for line in lines[:-1]:  # the libraries' own records, one line each (Python's, tensorstore's C++ ones)
-    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (ERROR|WARNING) |[IWE]\d{4} ", line), proc.stderr[-4000:]
-  return lines[-1]
+  errors = [line for line in lines if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+  for line in lines:  # else only the libraries' own records, one line each (Python's, tensorstore's C++ ones)
+    assert line in errors or re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (ERROR|WARNING) |[IWE]\d{4} ", line), (
+        proc.stderr[-4000:])
+  return errors[0]
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -188,46 +195,9 @@ def test_index_load_through_faults_returns_the_published_embeddings(gcs_server, 
   np.testing.assert_array_equal(np.load(tmp_path / "loaded.npy"), expected)
 
 
-def test_checkpoint_save_and_restore_through_faults(gcs_server, tmp_path):
-  """A trainer checkpoint written and read back through 5xx, resets, lost responses and delays on
-  orbax/tensorstore's requests and on the checksum manifest: the restored parameters equal the
-  saved model's, and the step is sealed and verifies."""
-  from realm_jax.train import sealing
-
-  root = gcs_server.new_bucket("ckpt") + "/run"
-  up = r"^POST /upload/storage/v1/b/[^/]+/o\?.*name=run/checkpoints/2/"
-  with FaultProxy(gcs_server.endpoint, seed=3) as proxy:
-    proxy.add("503", up + r".*/d/", times=2)
-    proxy.add("reset", up + r".*/d/", times=1)
-    proxy.add("503", up + r"realm_manifest\.json")
-    proxy.add("drop", up + r"realm_manifest\.json")
-    proxy.add("delay", up + r"meta/", delay_s=0.5)
-    proc = _run(proxy, "save", root, "2", str(tmp_path / "saved.npz"))
-    _ok(proc)
-    saved_faults = len(proxy.injected)
-    assert {k: proxy.count(k) for k in ("503", "reset", "drop", "delay")} == {
-        "503": 3, "reset": 1, "drop": 1, "delay": 1}, proxy.injected
-    proxy.clear()
-    get = r"^GET /.*run/checkpoints/2/"
-    proxy.add("503", get + r".*/d/", times=2)
-    proxy.add("reset", get + r".*/d/", times=1)
-    proxy.add("500", get + r"realm_manifest\.json")
-    proxy.add("delay", get + r"meta/", delay_s=0.5)
-    proc = _run(proxy, "restore", root, "2", str(tmp_path / "restored.npz"))
-    _ok(proc)
-    assert {k: proxy.count(k) for k in ("503", "500", "reset", "delay")} == {
-        "503": 5, "500": 1, "reset": 2, "delay": 2}, proxy.injected[saved_faults:]
-  sealing.verify(Storage.open(root + "/checkpoints"), 2, None)
-  saved, restored = np.load(tmp_path / "saved.npz"), np.load(tmp_path / "restored.npz")
-  assert sorted(saved.files) == sorted(restored.files) and len(saved.files) > 10
-  for name in saved.files:
-    np.testing.assert_array_equal(restored[name], saved[name], err_msg=name)
-
-
-def test_refused_writes_and_reads_fail_in_one_line_and_leave_the_last_good_state(gcs_server, tmp_path):
-  """A store that refuses (403 on every matching request, which no client retries): the publish
-  and the checkpoint save each stop with one line naming the gs:// object; LATEST still
-  names the previous complete version, and the half-written checkpoint step is never restored."""
+def test_a_refused_publish_fails_in_one_line_and_keeps_latest(gcs_server, tmp_path):
+  """A store that refuses the LATEST write (403, which no client retries): the publish stops with
+  one line naming the gs:// object, and LATEST still names the previous complete version."""
   root = gcs_server.new_bucket("refused") + "/run"
   storage = Storage.open(root)
   v1 = _source(tmp_path, "v1", 1)
@@ -242,18 +212,57 @@ def test_refused_writes_and_reads_fail_in_one_line_and_leave_the_last_good_state
     assert latest.version == "1" and {n: latest.read_bytes(n) for n in latest.manifest.files} == _tree(v1)
 
 
+def test_checkpoint_save_and_restore_through_faults(gcs_server, tmp_path):
+  """A trainer checkpoint written and read back through 5xx, resets, lost responses and delays on
+  orbax/tensorstore's requests and on the checksum manifest: the restored parameters equal the
+  saved model's, and the step is sealed and verifies. A save the store refuses (403 on its data,
+  which no client retries) stops in one line naming the gs:// path and the last good step; the
+  half-written step is never restored, and a resumed save removes it and writes the step again."""
+  from realm_jax.train import sealing
+  from realm_jax.train.checkpoints import Checkpoints
+
+  root = gcs_server.new_bucket("ckpt") + "/run"
+  up = r"^POST /upload/storage/v1/b/[^/]+/o\?.*name=run/checkpoints/"
+  with FaultProxy(gcs_server.endpoint, seed=3) as proxy:
+    proxy.add("503", up + r"2/.*/d/", times=2)
+    proxy.add("reset", up + r"2/.*/d/", times=1)
+    proxy.add("503", up + r"2/realm_manifest\.json")
+    proxy.add("drop", up + r"2/realm_manifest\.json")
+    proxy.add("delay", up + r"2/meta/", delay_s=0.5)
+    _ok(_run(proxy, "save", root, "2", str(tmp_path / "saved-2.npz")))
+    assert {k: proxy.count(k) for k in ("503", "reset", "drop", "delay")} == {
+        "503": 3, "reset": 1, "drop": 1, "delay": 1}, proxy.injected
+    sealing.verify(Storage.open(root + "/checkpoints"), 2, None)
+
     proxy.clear()
-    _ok(_run(proxy, "save", root, "2", str(tmp_path / "saved2.npz")))
-    before = proxy.count("403")
-    proxy.add("403", up + r"checkpoints/4/.*/d/", times=None)
-    line = _one_line(_run(proxy, "save", root, "4", str(tmp_path / "saved4.npz")))
-    assert proxy.count("403") > before
-    assert f"{root}/checkpoints" in line and "step 4" in line and "step 2" in line, line
+    proxy.add("403", up + r"4/.*/d/", times=None)
+    line = _one_line(_run(proxy, "save", root, "4", str(tmp_path / "refused.npz")))
+    assert proxy.count("403") >= 1
+    assert f"{root}/checkpoints" in line and "step 4" in line, line
+    assert "the newest complete checkpoint is step 2" in line, line
+    ckpt = Checkpoints(f"{root}/checkpoints", read_only=True)
+    assert (ckpt.latest_step(), ckpt.all_steps(), ckpt.leftovers()) == (2, [2], {"4": 4})
     proxy.clear()
-    proc = _run(proxy, "restore", root, "latest", str(tmp_path / "restored.npz"))
+    # Saved again as a resumed trainer does, the half-written step removed first. (Orbax's own
+    # gcsfs instance had cached the listing: it saw the removed directory and failed with
+    # `FileNotFoundError: gs://.../checkpoints/4`.)
+    proc = _run(proxy, "save", root, "4", str(tmp_path / "saved-4.npz"))
     _ok(proc)
-  seen = json.loads(proc.stdout.strip().splitlines()[0])
-  assert seen["step"] == 2 and seen["steps"] == [2] and seen["leftovers"] == {"4": 4}, seen
-  saved, restored = np.load(tmp_path / "saved2.npz"), np.load(tmp_path / "restored.npz")
-  for name in saved.files:
-    np.testing.assert_array_equal(restored[name], saved[name], err_msg=name)
+    assert "an unfinished write of checkpoint step 4" in proc.stdout, proc.stdout
+
+    get = r"^GET /.*run/checkpoints/[24]/"
+    before = len(proxy.injected)
+    proxy.add("503", get + r".*/d/", times=2)
+    proxy.add("reset", get + r".*/d/", times=1)
+    proxy.add("500", get + r"realm_manifest\.json")
+    proxy.add("delay", get + r"meta/", delay_s=0.5)
+    proc = _run(proxy, "restore", root, "2,latest", str(tmp_path / "restored"))
+    _ok(proc)
+    assert collections.Counter(i.kind for i in proxy.injected[before:]) == {
+        "503": 2, "500": 1, "reset": 1, "delay": 1}, proxy.injected[before:]
+  assert json.loads(proc.stdout.strip().splitlines()[0]) == {"latest": 4, "steps": [2, 4], "leftovers": {}}
+  for step in (2, 4):
+    saved, restored = np.load(tmp_path / f"saved-{step}.npz"), np.load(tmp_path / f"restored-{step}.npz")
+    assert sorted(saved.files) == sorted(restored.files) and len(saved.files) > 10
+    for name in saved.files:
+      np.testing.assert_array_equal(restored[name], saved[name], err_msg=f"step {step}: {name}")
