@@ -78,11 +78,11 @@ def _finalised(storage: Storage) -> int | None:
 def _writing_checkpoint(storage: Storage) -> bool:
   """Whether orbax is writing a checkpoint step: a `*.orbax-checkpoint-tmp*` entry (local files),
   or a step directory without `commit_success.txt` yet (GCS, where orbax writes in place)."""
-  names = storage.listdir(layout.CHECKPOINTS)
-  if any(".orbax-checkpoint-tmp" in n for n in names):
-    return True
-  return storage.on_disk() is None and any(
-      n.isdigit() and not storage.exists(f"{layout.CHECKPOINTS}/{n}/commit_success.txt") for n in names)
+  local = storage.on_disk(layout.CHECKPOINTS)
+  if local is not None:  # an empty temporary directory counts too
+    return local.exists() and any(".orbax-checkpoint-tmp" in p.name for p in local.iterdir())
+  return any(n.isdigit() and not storage.exists(f"{layout.CHECKPOINTS}/{n}/commit_success.txt")
+             for n in storage.listdir(layout.CHECKPOINTS))
 
 
 class _Run:
