@@ -18,6 +18,9 @@ LEVELS = ("debug", "info", "warning", "error")
 # Loggers of libraries we call whose INFO/WARNING lines are notes to their own developers (orbax
 # through absl: "read-only manager", "no checkpoint found"), shown only at --log-level debug.
 QUIET_LIBRARIES = ("absl", "orbax", "jax._src.xla_bridge")
+# Loggers whose error records carry a library's traceback: cut to one line unless at debug
+# (asyncio: "Task exception was never retrieved" for each of orbax's writes a refused save left).
+ONE_LINE_LIBRARIES = (*QUIET_LIBRARIES, "asyncio")
 
 
 class _OneLine(logging.Filter):
@@ -57,8 +60,9 @@ def configure(level: str = "info") -> None:
   logging.basicConfig(level=logging.WARNING, format=FORMAT, datefmt=DATE_FORMAT)
   logging.getLogger("realm_jax").setLevel(numeric)
   for name in QUIET_LIBRARIES:
+    logging.getLogger(name).setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
+  for name in ONE_LINE_LIBRARIES:
     logger = logging.getLogger(name)
-    logger.setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
     logger.removeFilter(_ONE_LINE)
     if numeric > logging.DEBUG:
       logger.addFilter(_ONE_LINE)

@@ -184,6 +184,17 @@ def _write_file(storage: Storage, path: str, source: FileSource) -> ObjectInfo:
   return ObjectInfo(path, size, info.generation, crc)
 
 
+def _own_write(storage: Storage, path: str, obj: Any) -> ObjectInfo | None:
+  """The object at `path` if it holds exactly the JSON `obj` (a create the client retried after
+  the server had made it), else None."""
+  data, generation = storage.read_with_generation(path)
+  try:
+    same = data is not None and json.loads(data) == obj
+  except ValueError:
+    return None
+  return ObjectInfo(path, len(data), generation, crc32c_hex(data)) if same else None
+
+
 def publish(storage: Storage, prefix: str, version: str, files: Mapping[str, FileSource],
             metadata: Mapping[str, Any] | None = None, *,
             progress: Callable[[str], None] | None = None,
@@ -255,8 +266,12 @@ def commit(storage: Storage, prefix: str, version: str, entries: Mapping[str, Fi
   try:
     minfo = storage.write_json(_join(vdir, MANIFEST), manifest.to_json(), exclusive=True)
   except ObjectExists:
-    raise PublishConflict(f"{storage.uri(vdir)}: version was published by someone else "
-                          "meanwhile") from None
+    # Ours when the client retried a create whose response was lost (the server wrote it, the
+    # connection broke): the same manifest, our `created` time included.
+    minfo = _own_write(storage, _join(vdir, MANIFEST), manifest.to_json())
+    if minfo is None:
+      raise PublishConflict(f"{storage.uri(vdir)}: version was published by someone else "
+                            "meanwhile") from None
   if progress:
     progress("manifest")
 
@@ -266,6 +281,10 @@ def commit(storage: Storage, prefix: str, version: str, entries: Mapping[str, Fi
     storage.write_json(_join(prefix, LATEST), latest, if_generation_match=expected)
   except (GenerationMismatch, ObjectExists):
     now, _ = _read_pointer(storage, prefix)
+    if now == latest:  # our own write, retried after its response was lost: published
+      if progress:
+        progress("latest")
+      return manifest
     # The version is ours and nothing names it: removed, so that a lost race (two publishers of
     # the same step) leaves one version, not a complete one beside it that no LATEST ever named.
     storage.delete(vdir)

@@ -17,6 +17,7 @@ import pytest
 
 from realm_jax.cli.main import main
 from realm_jax.storage import Storage
+from tests.helpers.cli_errors import one_line_error
 
 SETTINGS = ["batch_size=8", "checkpoint_every=2", "log_every=1", "async_checkpointing=false",
             "keep_checkpoints=10", "index_refresh=none"]
@@ -45,14 +46,6 @@ def root(trained, tmp_path) -> pathlib.Path:
   return copy
 
 
-def _one_line_error(capsys, command: str = "pretrain") -> str:
-  err = capsys.readouterr().err.strip().splitlines()
-  assert err, "no error printed"
-  assert err[-1].startswith(f"realm-jax {command}: error: "), err[-5:]
-  assert "Traceback" not in "\n".join(err)
-  return err[-1]
-
-
 def _biggest(directory: pathlib.Path) -> pathlib.Path:
   return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
@@ -75,7 +68,7 @@ def test_a_corrupted_data_file_stops_the_resume_naming_it(root, capsys):
     data[len(data) // 2 + i] ^= 0x5A
   bad.write_bytes(bytes(data))
   assert _pretrain(str(root), "--resume", "--stop-after", "1") == 2
-  line = _one_line_error(capsys)
+  line = one_line_error(capsys)
   assert str(bad) in line and "damaged" in line, line
   assert "step 2" in line, line  # the checkpoint a user can fall back to
   assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["2", "4"]  # nothing was written
@@ -87,7 +80,7 @@ def test_a_deleted_file_stops_the_resume_naming_it(root, capsys, victim):
   gone = _biggest(step / "opt_state") if victim == "data file" else step / "meta" / "metadata"
   gone.unlink()
   assert _pretrain(str(root), "--resume", "--stop-after", "1") == 2
-  line = _one_line_error(capsys)
+  line = one_line_error(capsys)
   assert str(gone) in line and "missing" in line, line
 
 
@@ -111,10 +104,10 @@ def test_an_unfinished_checkpoint_write_is_cleaned_and_the_step_saved_again(root
 def test_ict_refuses_a_realm_checkpoint_and_a_changed_model_is_refused(root, capsys):
   assert main(["ict", "--config", "ict_smoke", "--storage", str(root), "--resume", "--set",
                "checkpoint_every=2", "async_checkpointing=false"]) == 2
-  line = _one_line_error(capsys, "ict")
+  line = one_line_error(capsys, "ict")
   assert "'realm' run" in line and "realm-jax pretrain" in line, line
   assert _pretrain(str(root), "--resume", "--set", "model.bert.dropout_rate=0.2") == 2
-  line = _one_line_error(capsys)
+  line = one_line_error(capsys)
   assert "model.bert.dropout_rate=0.1 there, 0.2 here" in line, line
   assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["2", "4"]
 
@@ -141,5 +134,5 @@ def test_resuming_after_the_corpus_was_rebuilt_names_the_corpus_and_both_counts(
                "--overwrite", "--quiet"]) == 0
   capsys.readouterr()
   assert _pretrain(str(root), "--resume", "--stop-after", "1") == 2
-  line = _one_line_error(capsys)
+  line = one_line_error(capsys)
   assert str(root / "corpus") in line and "16 blocks" in line and "40 blocks" in line, line

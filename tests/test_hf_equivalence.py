@@ -74,19 +74,6 @@ def test_embedder_matches_hf():
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
-def test_the_retrieval_embedding_has_dropout_in_training_only():
-  """ORQA's and REALM's TF code drop out the 128-d embedding in training (HF's port, used in eval by
-  the test above, has no such layer): a LayerNorm output is never exactly 0, a dropped entry is."""
-  cfg = get_preset("tiny", **{"bert.vocab_size": VOCAB, "bert.dropout_rate": 0.5})
-  ours = RetrieverEmbedder(cfg, rngs=nnx.Rngs(0))
-  ids, mask, tt = (x.astype(np.int32) for x in _inputs(np.random.default_rng(0), 64, 24))
-  ours.train()
-  zeros = float(np.mean(np.asarray(ours(ids, mask, tt)) == 0))
-  assert 0.45 < zeros < 0.55, zeros  # 64 x 128 entries dropped with p = 0.5: sd 0.0055
-  ours.eval()
-  assert not np.any(np.asarray(ours(ids, mask, tt)) == 0)
-
-
 def test_scorer_matches_hf():
   hf = _perturb(transformers.RealmScorer(_hf_config()), 1)
   ours = Retriever(CFG, rngs=nnx.Rngs(0))

@@ -16,18 +16,11 @@ import pytest
 from realm_jax.cli.main import main
 from realm_jax.data.corpus import CorpusReader, build_corpus
 from realm_jax.storage import Storage
+from tests.helpers.cli_errors import one_line_error
 from tests.helpers.facts_corpus import write_documents
 
 FINETUNE = ["num_train_steps=2", "checkpoint_every=2", "log_every=1", "async_checkpointing=false",
             "batch_size=8", "max_answers=2", "max_answer_tokens=4"]
-
-
-def _one_line_error(capsys, command: str) -> str:
-  err = capsys.readouterr().err.strip().splitlines()
-  assert err, "no error printed"
-  assert err[-1].startswith(f"realm-jax {command}: error: "), err[-5:]
-  assert "Traceback" not in "\n".join(err)
-  return err[-1]
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +43,13 @@ def test_demo_fresh_refuses_a_directory_it_did_not_create(tmp_path, capsys):
   mine.mkdir()
   (mine / "chapter1.tex").write_text("years of work")
   assert main(["demo", "--quick", "--fresh", "--workdir", str(mine)]) == 2
-  line = _one_line_error(capsys, "demo")
+  line = one_line_error(capsys, "demo")
   assert str(mine) in line and "not created by realm-jax demo" in line, line
   assert (mine / "chapter1.tex").read_text() == "years of work"
   a_file = tmp_path / "a-file"
   a_file.write_text("x")
   assert main(["demo", "--quick", "--workdir", str(a_file)]) == 2
-  assert "not a directory" in _one_line_error(capsys, "demo")
+  assert "not a directory" in one_line_error(capsys, "demo")
   assert a_file.read_text() == "x"
 
 
@@ -78,7 +71,7 @@ def test_evaluate_out_never_overwrites_its_input(qa, capsys):
   before = questions.read_bytes()
   assert main(["evaluate", "--storage", str(qa / "run"), "--questions", str(questions), "--out", str(questions),
                "--batch-size", "8"]) == 2
-  line = _one_line_error(capsys, "evaluate")
+  line = one_line_error(capsys, "evaluate")
   assert str(questions) in line and "input" in line, line
   assert questions.read_bytes() == before
 
@@ -89,7 +82,7 @@ def test_evaluate_out_refuses_an_existing_file_unless_told(qa, tmp_path, capsys)
   args = ["evaluate", "--storage", str(qa / "run"), "--questions", str(qa / "facts.jsonl"), "--out", str(out),
           "--batch-size", "8", "--limit", "3"]
   assert main(args) == 2
-  line = _one_line_error(capsys, "evaluate")
+  line = one_line_error(capsys, "evaluate")
   assert str(out) in line and "--overwrite" in line, line
   assert out.read_text() == "keep me\n"
   assert main([*args, "--overwrite"]) == 0
@@ -104,7 +97,7 @@ def test_evaluate_out_is_checked_before_any_work(qa, tmp_path, capsys):
   # The storage root does not even exist: the --out check must come first.
   assert main(["evaluate", "--storage", str(tmp_path / "nowhere"), "--questions", str(qa / "facts.jsonl"),
                "--out", str(blocker / "preds.jsonl")]) == 2
-  line = _one_line_error(capsys, "evaluate")
+  line = one_line_error(capsys, "evaluate")
   assert str(blocker / "preds.jsonl") in line and "cannot write" in line, line
 
 
@@ -122,7 +115,7 @@ def test_corpus_overwrite_with_bad_input_keeps_the_old_corpus(tmp_path, capsys):
   bad.write_text("\n".join(lines) + '\n{"title": "broken", "text": \n')
   assert main(["corpus", "build", "--input", str(bad), "--storage", str(root), "--block-len", "64",
                "--shard-blocks", "4", "--overwrite", "--quiet"]) == 2
-  line = _one_line_error(capsys, "corpus")
+  line = one_line_error(capsys, "corpus")
   assert f"{bad}:41" in line, line
   files_after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
   assert files_after == files_before  # the old corpus, byte for byte, and nothing else
@@ -154,14 +147,14 @@ def test_evaluate_ask_and_init_refuse_a_damaged_checkpoint(qa, tmp_path, capsys)
   data[len(data) // 2] ^= 0xFF
   bad.write_bytes(bytes(data))
   assert main(["evaluate", "--storage", str(root), "--questions", str(qa / "facts.jsonl"), "--limit", "2"]) == 2
-  assert str(bad) in _one_line_error(capsys, "evaluate")
+  assert str(bad) in one_line_error(capsys, "evaluate")
   assert main(["ask", "Where was Zorblat born?", "--storage", str(root)]) == 2
-  assert str(bad) in _one_line_error(capsys, "ask")
+  assert str(bad) in one_line_error(capsys, "ask")
   other = tmp_path / "other"
   shutil.copytree(qa / "run" / "corpus", other / "corpus")
   assert main(["finetune", "--storage", str(other), "--set", f"train_questions={qa / 'facts.jsonl'}",
                f"init={root}", *FINETUNE]) == 2
-  assert str(bad) in _one_line_error(capsys, "finetune")
+  assert str(bad) in one_line_error(capsys, "finetune")
 
 
 # -- memory:// ---------------------------------------------------------------------------------------------
@@ -170,5 +163,5 @@ def test_memory_storage_is_refused_on_the_command_line(tmp_path, capsys):
   docs = tmp_path / "docs.jsonl"
   write_documents(docs)
   assert main(["corpus", "build", "--input", str(docs), "--storage", "memory://run", "--quiet"]) == 2
-  line = _one_line_error(capsys, "corpus")
+  line = one_line_error(capsys, "corpus")
   assert "memory://run" in line and "vanishes" in line, line

@@ -25,6 +25,7 @@ import pytest
 from realm_jax.cli.main import main
 from realm_jax.data.corpus import CorpusReader, build_corpus
 from realm_jax.storage import Storage, StorageError
+from tests.helpers.cli_errors import one_line_error
 from tests.helpers.facts_corpus import write_documents
 from tests.helpers.faulty_storage import cap_file_size, full_disk_storage, read_only_command
 
@@ -32,14 +33,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "TENSORSTORE_GCS_HTTP_URL",
                  "GOOGLE_AUTH_TOKEN_FOR_TESTING", "CLOUD_STORAGE_EMULATOR_ENDPOINT", "NO_GCE_CHECK",
                  "GCE_METADATA_HOST", "EPATH_USE_TF")
-
-
-def _one_line_error(capsys, command: str) -> str:
-  err = capsys.readouterr().err.strip().splitlines()
-  assert err, "no error printed"
-  assert err[-1].startswith(f"realm-jax {command}: error: "), err[-5:]
-  assert "Traceback" not in "\n".join(err)
-  return err[-1]
 
 
 def _command(argv: list[str]) -> list[str]:
@@ -82,7 +75,7 @@ def test_a_storage_root_that_is_a_file(docs, tmp_path, capsys):
   a_file = tmp_path / "notes.txt"
   a_file.write_text("mine")
   assert main(["corpus", "build", "--input", str(docs), "--storage", str(a_file), "--quiet"]) == 2
-  line = _one_line_error(capsys, "corpus")
+  line = one_line_error(capsys, "corpus")
   assert str(a_file) in line and "not a directory" in line.lower(), line
   assert a_file.read_text() == "mine"
 
@@ -141,7 +134,7 @@ def test_unwritable_outputs(tmp_path, capsys):
   a_file = tmp_path / "a-file"
   a_file.write_text("x")
   assert main(["data", "questions", "--out", str(a_file), "--sets", "ct-test"]) == 2
-  line = _one_line_error(capsys, "data")
+  line = one_line_error(capsys, "data")
   assert str(a_file) in line, line
   assert a_file.read_text() == "x"
 
@@ -157,7 +150,7 @@ def test_unwritable_outputs(tmp_path, capsys):
 ])
 def test_bad_config_values(tmp_path, capsys, setting, words):
   assert main(["pretrain", "--storage", str(tmp_path / "run"), *setting]) == 2
-  line = _one_line_error(capsys, "pretrain")
+  line = one_line_error(capsys, "pretrain")
   assert all(w in line for w in words), line
 
 
@@ -167,14 +160,14 @@ def test_a_json_config_without_model_and_with_an_unknown_bert_key(tmp_path, caps
   no_model = tmp_path / "no-model.json"
   no_model.write_text(json.dumps({"batch_size": 8}))
   assert main(["pretrain", "--storage", str(tmp_path / "run"), "--config", str(no_model)]) == 2
-  line = _one_line_error(capsys, "pretrain")
+  line = one_line_error(capsys, "pretrain")
   assert str(no_model) in line and '"model"' in line, line
   cfg = load_config("smoke").to_dict()
   cfg["model"]["bert"]["hidden_sise"] = 64
   typo = tmp_path / "typo.json"
   typo.write_text(json.dumps(cfg))
   assert main(["pretrain", "--storage", str(tmp_path / "run"), "--config", str(typo)]) == 2
-  line = _one_line_error(capsys, "pretrain")
+  line = one_line_error(capsys, "pretrain")
   assert str(typo) in line and "hidden_sise" in line, line
 
 
@@ -187,7 +180,7 @@ def test_bad_huggingface_files(tmp_path, capsys):
   hf.mkdir()
   (hf / "config.json").write_text("garbage{")
   assert main(["convert", "hf", "--path", str(hf), "--out", str(tmp_path / "out1")]) == 2
-  line = _one_line_error(capsys, "convert")
+  line = one_line_error(capsys, "convert")
   assert str(hf / "config.json") in line and "JSON" in line, line
   (hf / "config.json").write_text(json.dumps({
       "architectures": ["BertModel"], "vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1,
@@ -196,7 +189,7 @@ def test_bad_huggingface_files(tmp_path, capsys):
   data = (hf / "model.safetensors").read_bytes()
   (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
   assert main(["convert", "hf", "--path", str(hf), "--out", str(tmp_path / "out2")]) == 2
-  line = _one_line_error(capsys, "convert")
+  line = one_line_error(capsys, "convert")
   assert str(hf / "model.safetensors") in line, line
   assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
 
@@ -209,7 +202,7 @@ def test_bad_bz2_dumps(tmp_path, capsys, damage):
   data = bz2.compress(xml.encode())
   dump.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"this is not bzip2 at all")
   assert main(["corpus", "build", "--input", str(dump), "--storage", str(tmp_path / "run"), "--quiet"]) == 2
-  line = _one_line_error(capsys, "corpus")
+  line = one_line_error(capsys, "corpus")
   assert str(dump) in line and "bz2" in line, line
 
 
@@ -234,7 +227,7 @@ def test_a_question_record_missing_answers_names_answers(tmp_path):
 ])
 def test_bad_numbers(capsys, argv, flag):
   assert main(argv) == 2
-  line = _one_line_error(capsys, argv[0])
+  line = one_line_error(capsys, argv[0])
   assert flag in line and ">= 1" in line, line
 
 

@@ -56,8 +56,11 @@ def test_retriever_learns_where_to_look_from_the_mlm_signal(tmp_path):
 
 def test_control_an_encoder_that_cannot_read_teaches_the_retriever_nothing(tmp_path):
   """The same run with a random encoder: the person's block does not help it predict the city, so
-  the marginal likelihood has no preference among candidates and the retriever stays where it was."""
+  the marginal likelihood has no preference among candidates and the retriever does not learn where
+  to look. Its gradient is then noise, and recall random-walks: 0.40 -> 0.42 with this model's
+  initial weights, 0.40 -> 0.51 with the same weights drawn in another order. So the control asserts
+  what the learning test asserts, failed: no utility, and not the learning test's recall."""
   r = learning.run(tmp_path, learning.Recipe(seed=0, reading=False))
   print(r.line())
   assert abs(r.utility_last10) < 0.05, r.line()
-  assert r.recall_after <= r.recall_before + 0.1, r.line()
+  assert r.recall_after < r.recall_before + MIN_RECALL_GAIN and r.recall_after < MIN_RECALL, r.line()

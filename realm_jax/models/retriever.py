@@ -1,7 +1,6 @@
 """The knowledge retriever: BERT towers whose pooled [CLS] is projected to a small search space.
 
-`RetrieverEmbedder` maps `[CLS] text [SEP]` to a 128-d vector (pooled -> Dense -> LayerNorm, then
-dropout in training as ORQA's and REALM's TF code applies it; HF's port has none);
+`RetrieverEmbedder` maps `[CLS] text [SEP]` to a 128-d vector (pooled -> Dense -> LayerNorm);
 `Retriever` holds the query and document towers (one shared module by default, as the original
 `share_embedders=True`) and scores documents by inner product.
 """
@@ -17,18 +16,17 @@ from realm_jax.models.bert import BertEncoder, _dense, _norm
 
 
 class RetrieverEmbedder(nnx.Module):
-  """BERT -> pooled [CLS] -> Dense(retriever_dim) -> LayerNorm -> dropout (BERT's rate; training only)."""
+  """BERT -> pooled [CLS] -> Dense(retriever_dim) -> LayerNorm."""
 
   def __init__(self, cfg: RealmConfig, *, rngs: nnx.Rngs):
     self.bert = BertEncoder(cfg.bert, pooler=True, rngs=rngs)
     self.projection = _dense(cfg.bert, cfg.bert.hidden_size, cfg.retriever_dim, rngs)
     self.projection_norm = _norm(cfg.bert, cfg.retriever_dim, rngs)
-    self.dropout = nnx.Dropout(cfg.bert.dropout_rate, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array) -> jax.Array:
     """`[..., L]` token inputs -> `[..., retriever_dim]` float32 embeddings."""
     _, pooled = self.bert(input_ids, attention_mask, token_type_ids)
-    return self.dropout(self.projection_norm(self.projection(pooled))).astype(jnp.float32)
+    return self.projection_norm(self.projection(pooled)).astype(jnp.float32)
 
 
 class Retriever(nnx.Module):

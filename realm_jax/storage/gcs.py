@@ -296,5 +296,17 @@ class GcsBackend:
     if files:
       with contextlib.suppress(FileNotFoundError):  # a concurrent delete got there first
         self.fs.rm([self._p(f) for f in files])
+      _forget_listings()
     return len(files)
+
+
+def _forget_listings() -> None:
+  """Empties the listing caches of this process's other gcsfs instances (the one etils/orbax uses
+  caches listings): else orbax, saving a step whose unfinished directory was just deleted, still
+  sees it, tries to remove it and fails with FileNotFoundError (a resume after a kill mid-checkpoint)."""
+  import gcsfs.core
+  classes = [gcsfs.core.GCSFileSystem, *gcsfs.core.GCSFileSystem.__subclasses__()]
+  for cls in classes:
+    for instance in list(getattr(cls, "_cache", {}).values()):
+      instance.invalidate_cache()
 

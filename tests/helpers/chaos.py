@@ -75,6 +75,16 @@ def _finalised(storage: Storage) -> int | None:
   return max(steps) if steps else None
 
 
+def _writing_checkpoint(storage: Storage) -> bool:
+  """Whether orbax is writing a checkpoint step: a `*.orbax-checkpoint-tmp*` entry (local files),
+  or a step directory without `commit_success.txt` yet (GCS, where orbax writes in place)."""
+  local = storage.on_disk(layout.CHECKPOINTS)
+  if local is not None:  # an empty temporary directory counts too
+    return local.exists() and any(".orbax-checkpoint-tmp" in p.name for p in local.iterdir())
+  return any(n.isdigit() and not storage.exists(f"{layout.CHECKPOINTS}/{n}/commit_success.txt")
+             for n in storage.listdir(layout.CHECKPOINTS))
+
+
 class _Run:
   """The two processes of one run, their logs under `logs`, restarts counted."""
 
@@ -151,9 +161,7 @@ def _one_kill(run: _Run, kind: str, rng: random.Random) -> None:
   elif kind == "checkpoint":
     # Past its resume (which removes a killed write's leftovers), then inside a write of its own.
     run.trainer.wait_for(r"step \d+/\d+ loss=", timeout=600, start=0)
-    ckpt = run.storage.local_path(layout.CHECKPOINTS)
-    _wait(lambda: not run.training() or (ckpt.exists() and any(".orbax-checkpoint-tmp" in p.name
-                                                                for p in ckpt.iterdir())), 600, "a checkpoint write")
+    _wait(lambda: not run.training() or _writing_checkpoint(run.storage), 600, "a checkpoint write")
     if not run.training():
       return
     run.kill(run.trainer, kind)
@@ -267,17 +275,20 @@ def check(run: _Run, reference_root: str) -> ChaosReport:
   return report
 
 
-def chaos(seed_corpus: Storage, work: pathlib.Path, kills: int, steps: int, seed: int) -> ChaosReport:
-  """An uninterrupted run and a run with `kills` random kills on two fresh roots under `work`,
-  checked against each other. The first kills take each kind once, in random order; the rest are
-  drawn at random. (A `publish` kill also kills the refresher it replaces: two kills.)"""
+def chaos(seed_corpus: Storage, work: pathlib.Path, kills: int, steps: int, seed: int,
+          roots: str | None = None) -> ChaosReport:
+  """An uninterrupted run and a run with `kills` random kills on two fresh roots (under `roots`, a
+  storage URI such as `gs://bucket`, else under `work`), checked against each other; logs under
+  `work`. The first kills take each kind once, in random order; the rest are drawn at random. (A
+  `publish` kill also kills the refresher it replaces: two kills.)"""
   t0 = time.monotonic()
   rng = random.Random(seed)
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(work / "jax-cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  reference = root_with_corpus(seed_corpus, str(work / "uninterrupted"))
+  base = roots.rstrip("/") if roots else str(work)
+  reference = root_with_corpus(seed_corpus, f"{base}/uninterrupted")
   run_pair(reference, work / "logs-uninterrupted", env, steps, [], rng)
-  root = root_with_corpus(seed_corpus, str(work / "chaos"))
+  root = root_with_corpus(seed_corpus, f"{base}/chaos")
   kinds = rng.sample(KINDS, len(KINDS))[:kills] + [rng.choice(KINDS) for _ in range(kills - len(KINDS))]
   run = run_pair(root, work / "logs-chaos", env, steps, kinds, rng)
   report = check(run, reference)
