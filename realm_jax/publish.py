@@ -26,6 +26,7 @@ from realm_jax.storage import (
   ObjectInfo,
   ObjectNotFound,
   Storage,
+  StorageError,
   crc32c_hex,
   file_crc32c,
 )
@@ -461,9 +462,11 @@ def open_latest(storage: Storage, prefix: str, *, verify: bool = True,
 
 def prune(storage: Storage, prefix: str, keep: int) -> list[str]:
   """Delete old versions: keep the newest `keep` complete versions up to the one LATEST names
-  (always kept), delete older ones and crashed (manifest-less) leftovers older than LATEST.
-  Versions newer than LATEST (being published right now) are never touched. Returns the
-  deleted versions."""
+  (always kept), delete older ones and crashed (manifest-less) leftovers of older steps than
+  LATEST's. Versions newer than LATEST and manifest-less ones of LATEST's own step (a publisher
+  that raced LATEST's and is still writing: it removes its version itself when its swap fails)
+  are never touched; a leftover that changes while it is deleted (a slow publisher still writing
+  it) is left for the next prune. Returns the deleted versions."""
   if keep < 1:
     raise PublishError(f"prune keep must be >= 1, got {keep}")
   pointer, _ = _read_pointer(storage, prefix)
@@ -477,11 +480,16 @@ def prune(storage: Storage, prefix: str, keep: int) -> list[str]:
   kept = {latest} | set([v for v in candidates if v in complete][-keep:])
   deleted = []
   for v in candidates:
-    if v in kept:
+    if v in kept or (v not in complete and version_key(v)[0] == lkey[0]):
       continue
     if v in complete:  # manifest first: a half-deleted version never looks complete
       storage.delete(_join(prefix, v, MANIFEST))
-    storage.delete(_join(prefix, v))
+    try:
+      storage.delete(_join(prefix, v))
+    except StorageError:
+      if v in complete:
+        raise
+      continue  # files appeared under it while deleting: its publisher is alive; next time
     deleted.append(v)
   return deleted
 

@@ -309,6 +309,18 @@ def test_prune_keeps_newest_and_latest(storage_root):
     pub.prune(s, "index", keep=0)
 
 
+def test_prune_leaves_a_racing_publishers_version_of_latests_step(storage_root):
+  """Two publishers of one step: the loser's version has no manifest while it is written (its
+  commit removes it when the swap fails); the winner's prune must not delete it under the loser."""
+  s = Storage.open(storage_root)
+  for step in (1, 2):
+    pub.publish(s, "index", f"{step:06d}-a", {"x": b"a"})
+  s.write_bytes("index/000002-b/x", b"being written")  # the loser of step 2, mid-upload
+  s.write_bytes("index/000001-c/x", b"partial")  # a crashed publish of an older step
+  assert pub.prune(s, "index", keep=1) == ["000001-a", "000001-c"]
+  assert pub.list_versions(s, "index", complete_only=False) == ["000002-a", "000002-b"]
+
+
 def test_reader_never_fails_while_publishing_and_pruning(storage_root):
   """The trainer polls open_latest while the refresher publishes and prunes (keep=1), so the
   version a reader resolved can vanish under it: it must follow LATEST, never error."""
