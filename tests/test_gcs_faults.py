@@ -178,7 +178,7 @@ def test_index_load_through_faults_returns_the_published_embeddings(gcs_server, 
   with FaultProxy(gcs_server.endpoint) as proxy:
     proxy.add("503", r"^GET /download/.*/run/index/LATEST")
     proxy.add("reset", r"^GET /download/.*/run/index/.*/manifest\.json")
-    proxy.add("500", r"^GET /storage/v1/b/[^/]+/o/run/index/.*/embeddings/")  # the stats of verify()
+    proxy.add("500", r"^GET /download/.*/run/index/.*/manifest\.json")  # the retried manifest read (after the reset)
     proxy.add("drop", r"^GET /download/.*/run/index/.*/embeddings/", times=1)
     proxy.add("503", r"^GET /download/.*/run/index/.*/embeddings/", after=1)
     proxy.add("delay", r"^GET /download/.*/run/index/.*/embeddings/", delay_s=1.0)
