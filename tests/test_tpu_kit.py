@@ -157,12 +157,6 @@ def test_create_accelerator_table(given, name, runtime, hosts, devices):
                    "--storage", "gs://b-1/r"], "'realm_v4_33' is not a named experiment (known: "),
     ("launch.py", ["pretrain", *COMMON, "--train-type", "v4-32", "--config", "experiments/a.yaml",
                    "--storage", "gs://b-1/r"], "'experiments/a.yaml'"),
-    ("launch.py", ["refresh", *COMMON, "--refresh-type", "v4-16", "--storage", "gs://b-1/r"],
-     "--refresh-type v4-16 has 2 workers, but the refresher runs as one process on one VM"),
-    ("launch.py", ["refresh", *COMMON, "--refresh-type", "v5e-16", "--storage", "gs://b-1/r"],
-     "use a single-host type such as v5litepod-8"),
-    ("create.py", [*COMMON, "--train-type", "v4-32", "--refresh-type", "v6e-16"], "v6e-16 has 4 workers"),
-    ("install.py", [*COMMON, "--train-type", "v4-32", "--refresh-type", "v5p-16"], "v5p-16 has 2 workers"),
     ("install.py", [*COMMON, "--train-type", "v4-32", "--python-version", "python3.11"], "'python3.11'"),
     ("launch.py", ["pretrain", *COMMON, "--train-type", "v4-32", "--storage", "gs://b-1/r"],
      "missing --config"),
@@ -172,8 +166,6 @@ def test_create_accelerator_table(given, name, runtime, hosts, devices):
                   "gs://b-1/r", "--max-polls", "0"], "--max-polls 0"),
     ("watch.py", [*COMMON, "--train-type", "v4-32", "--config", "experiments/a.py", "--storage",
                   "gs://b-1/r", "--backoff", "-1"], "--backoff -1"),
-    ("watch.py", [*COMMON, "--train-type", "v4-32", "--refresh-type", "v4-16", "--config", "experiments/a.py",
-                  "--storage", "gs://b-1/r"], "v4-16 has 2 workers"),
 ])
 def test_validation_errors(script, args, needle):
   r = run(script, *args, "--dry-run")
@@ -367,6 +359,20 @@ def test_launch_pretrain_runs_detached_with_a_log_per_worker(tmp_path):
         os.killpg(int(pid.read_text()), signal.SIGKILL)
       except ProcessLookupError:
         pass
+
+
+def test_a_multi_host_refresher_slice_is_created_installed_and_launched_on_every_worker():
+  """The refresher is a multi-process JAX job like the trainer: on a multi-host slice every worker
+  runs the same `realm-jax refresh` (jax.distributed finds its peers from the TPU VM metadata)."""
+  created = commands(run("create.py", *COMMON, "--train-type", "v4-32", "--refresh-type", "v6e-16", "--dry-run"))
+  assert [c[5] for c in created] == ["realm-train-qr", "realm-refresh-qr"]
+  assert "--accelerator-type=v6e-16" in created[1]
+  installed = commands(run("install.py", *COMMON, "--train-type", "v4-32", "--refresh-type", "v5p-16", "--dry-run"))
+  assert any(c[:len(ssh_prefix("realm-refresh"))] == ssh_prefix("realm-refresh") for c in installed)
+  (refresh,) = commands(run("launch.py", "refresh", *COMMON, "--refresh-type", "v4-16", "--storage",
+                            "gs://my-bucket/run1", "--dry-run"))
+  assert refresh[:-1] == ssh_prefix("realm-refresh")  # --worker=all
+  assert '"$HOME/realm-venv/bin/realm-jax" refresh --storage gs://my-bucket/run1;' in remote(refresh)
 
 
 def test_launch_refresh_and_finetune_targets():

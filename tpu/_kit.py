@@ -150,14 +150,6 @@ def check_name(name: str | None) -> str:
   return name
 
 
-def check_refresher(t: "Target", flag: str = "--refresh-type") -> None:
-  """The refresher is one process on one VM: a multi-host type would run it once per worker."""
-  if t.acc.hosts > 1:
-    single = ", ".join(n for n in ("v4-8", "v5litepod-8", "v5p-8", "v6e-8") if n.startswith(t.acc.family))
-    raise KitError(f"{flag} {t.acc.name} has {t.acc.hosts} workers, but the refresher runs as one process on one "
-                   f"VM (multi-host refreshers are not supported yet): use a single-host type such as {single}")
-
-
 def check_worker(worker: str, acc: Accelerator) -> str:
   """`all` or a worker index inside the slice."""
   if worker == "all":

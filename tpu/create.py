@@ -38,8 +38,6 @@ def plan(args: argparse.Namespace) -> list[list[str]]:
   cmds = []
   for role in roles:
     t = _kit.target(args, role)
-    if role == "refresh":
-      _kit.check_refresher(t)
     prov = args.provisioning if role == "train" else (args.refresh_provisioning or args.provisioning)
     _kit.note(f"{role}: node {t.node} ({t.acc.describe()}), {prov}")
     cmds.append(_kit.qr_create(t, prov, args.runtime_version, extra))

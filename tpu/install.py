@@ -101,8 +101,6 @@ def plan(args: argparse.Namespace) -> list[list[str]]:
   cmds = [archive_command(args.source, args.ref, args.staging_dir)]
   tarball = str(Path(args.staging_dir) / TARBALL)
   for t in targets:
-    if t.role == "refresh":
-      _kit.check_refresher(t)
     _kit.note(f"{t.role}: installing on all {t.acc.hosts} worker(s) of {t.node} ({t.acc.name})")
     cmds.append(_kit.scp(t, tarball, TARBALL))
     cmds.append(_kit.ssh(t, script))

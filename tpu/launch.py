@@ -155,8 +155,6 @@ def check_config(config: str | None, job: str) -> str | None:
 def check_job_flags(args: argparse.Namespace, t: _kit.Target) -> tuple[str, str | None, str | None]:
   """Validates --config/--storage/--corpus/--init/--set/--env; returns (storage, init, corpus)."""
   args.config = check_config(args.config, args.job)
-  if args.job == "refresh":
-    _kit.check_refresher(t)
   storage = _kit.check_storage(args.storage, t.acc, t.role)
   corpus = getattr(args, "corpus", None)
   if corpus:

@@ -134,7 +134,6 @@ def build(args: argparse.Namespace) -> list[Watched]:
                          _kit.qr_create(t, args.provisioning, args.runtime_version, create_flags)))
   if args.refresh_type and not args.no_refresher and args.job == "pretrain":
     r = _kit.target(args, "refresh")
-    _kit.check_refresher(r)
     # The refresher reads the trainer's config (with its --init/--corpus/--set) from the checkpoints.
     rstorage = _kit.check_storage(args.storage, r.acc, r.role)
     start = _kit.ssh(r, launch.remote_start("refresh", ["--storage", rstorage], args.env or (), rstorage,
