@@ -53,8 +53,8 @@ class Block:
     self.body_ids = np.asarray(self.body_ids, np.int32).reshape(-1)
     for name in ("body_offsets", "sentences", "salient_spans", "sentence_tokens", "salient_tokens"):
       value = getattr(self, name)
-      if value is not None:
-        setattr(self, name, np.asarray(value, np.int32).reshape(-1, 2))
+      if value is not None:  # not `setattr`: that would derive the token ranges once per field
+        object.__setattr__(self, name, np.asarray(value, np.int32).reshape(-1, 2))
     if self.sentence_tokens is None:
       self.sentence_tokens = sentence_token_ranges(self.body_offsets, self.sentences)
     if self.salient_tokens is None:

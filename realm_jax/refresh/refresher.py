@@ -225,8 +225,12 @@ class Refresher:
       self.log.warning(f"checkpoint step {step}: cannot restore it ({problems[0][0]}); looking again at the next poll")
       return None
     restore_s = time.perf_counter() - t0
+    mine = index_lib.process_shards(self.corpus.num_shards, jax.process_index(), jax.process_count())
+    blocks = sum(int(self.corpus.shards[i]["num_blocks"]) for i in mine)
+    share = (f" (this process: {blocks} blocks, shards {mine.start}..{mine.stop - 1})"
+             if jax.process_count() > 1 else "")
     self.log(f"checkpoint step {step}: restored in {restore_s:.1f}s; embedding "
-             f"{self.corpus.num_blocks} blocks ({self.corpus.num_shards} shards) on "
+             f"{self.corpus.num_blocks} blocks ({self.corpus.num_shards} shards){share} on "
              f"{self.mesh.size} device(s)")
     try:
       info = index_lib.build_and_publish_index(
