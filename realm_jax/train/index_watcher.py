@@ -42,22 +42,30 @@ class IndexWatcher(threading.Thread):
     self.storage, self.load, self.poll_s, self.log = storage, load, poll_s, log
     self.current = current
     self._ready: tuple[Any, Any] | None = None
-    self._lock = threading.Lock()
-    self._stop = threading.Event()
+    self._loading: str | None = None  # the version the thread is reading now
+    self._lock = threading.Condition()
+    self._stopping = threading.Event()
     self.rejected: list[str] = []
 
   def run(self) -> None:
-    while not self._stop.wait(self.poll_s):
+    while not self._stopping.wait(self.poll_s):
       info = None
       try:
         info = index_lib.latest_index_info(self.storage)
-        if info is None or info.version == self.current or info.version in self.rejected:
-          continue
+        with self._lock:
+          if info is None or info.version == self.current or info.version in self.rejected:
+            continue
+          self._loading = info.version
         t0 = time.perf_counter()
-        ready = self.load(info.version)
+        try:
+          ready = self.load(info.version)
+        finally:
+          with self._lock:
+            self._loading = None
+            self._lock.notify_all()
         with self._lock:
           self._ready = ready
-        self.current = info.version
+          self.current = info.version
         self.log(f"index watcher: loaded {info.version} (checkpoint step {info.step}) in "
                  f"{time.perf_counter() - t0:.1f}s; swapping in at the next step")
       except RealmError as e:
@@ -81,5 +89,18 @@ class IndexWatcher(threading.Thread):
       ready, self._ready = self._ready, None
     return ready
 
+  def load_now(self, version: str) -> tuple[Any, Any]:
+    """`version` now (another process's watcher chose it first): the thread's read of it if one
+    is under way or done, else a read here that the thread will not repeat. Each process thus
+    reads a version's rows once."""
+    with self._lock:
+      while self._loading == version:
+        self._lock.wait()
+      if self._ready is not None and self._ready[0].info.version == version:
+        ready, self._ready = self._ready, None
+        return ready
+      self.current = version
+    return self.load(version)
+
   def stop(self) -> None:
-    self._stop.set()
+    self._stopping.set()

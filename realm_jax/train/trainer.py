@@ -213,7 +213,7 @@ class Trainer(TrainLoop):
       chosen = parallel.agree(ready[0].info.version if ready else None)
       if chosen is not None and chosen != self.active.info.version:
         if ready is None or ready[0].info.version != chosen:  # this process had not loaded it yet
-          ready = self._load(chosen)
+          ready = self.watcher.load_now(chosen)
         old = self.active.info.version
         self._activate(*ready)
         self.log(f"swapped index {old} -> {self.active.info.version} at step {self.step} "
