@@ -79,3 +79,22 @@ def test_a_version_read_on_demand_is_not_read_again_by_the_thread(two_versions):
   finally:
     watcher.stop()
     watcher.join(10)
+
+
+def test_a_version_loaded_before_process_0_chose_it_is_kept_for_the_swap(two_versions):
+  """This process's thread read the new version first; process 0 has not, so the step swaps
+  nothing (`ready_version` is only looked at); when process 0 chooses it, no second read."""
+  storage, (first, second) = two_versions
+  loader = CountingLoader(storage)
+  watcher = IndexWatcher(storage, loader, first, poll_s=0.01, log=RunLog("test-watcher"))
+  watcher.start()
+  try:
+    deadline = time.monotonic() + 30
+    while watcher.ready_version() != second and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert watcher.ready_version() == second  # looked at, not handed over
+    assert watcher.load_now(second)[0].info.version == second
+    assert loader.calls == [second] and watcher.ready_version() is None
+  finally:
+    watcher.stop()
+    watcher.join(10)

@@ -89,16 +89,23 @@ class IndexWatcher(threading.Thread):
       ready, self._ready = self._ready, None
     return ready
 
+  def ready_version(self) -> str | None:
+    """The version loaded and not yet handed over (None if none), without handing it over."""
+    with self._lock:
+      return self._ready[0].info.version if self._ready is not None else None
+
   def load_now(self, version: str) -> tuple[Any, Any]:
-    """`version` now (another process's watcher chose it first): the thread's read of it if one
-    is under way or done, else a read here that the thread will not repeat. Each process thus
-    reads a version's rows once."""
+    """`version` now (the version every process swaps to): the thread's read of it if one is under
+    way or done, else a read here that the thread will not repeat. Each process thus reads a
+    version's rows once."""
     with self._lock:
       while self._loading == version:
         self._lock.wait()
       if self._ready is not None and self._ready[0].info.version == version:
         ready, self._ready = self._ready, None
         return ready
+      if self._ready is not None and publish.version_key(self._ready[0].info.version) < publish.version_key(version):
+        self._ready = None  # an older version nobody will swap to: free its rows
       self.current = version
     return self.load(version)
 

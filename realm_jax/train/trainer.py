@@ -208,12 +208,11 @@ class Trainer(TrainLoop):
     if self.watcher is None:
       return
     while True:
-      ready = self.watcher.take()
-      # Every process must swap at the same step: process 0's watcher decides.
-      chosen = parallel.agree(ready[0].info.version if ready else None)
+      # Every process must swap at the same step: process 0's watcher decides. A version this
+      # process loaded but process 0 has not yet stays with the watcher for a later step.
+      chosen = parallel.agree(self.watcher.ready_version())
       if chosen is not None and chosen != self.active.info.version:
-        if ready is None or ready[0].info.version != chosen:  # this process had not loaded it yet
-          ready = self.watcher.load_now(chosen)
+        ready = self.watcher.load_now(chosen)  # this process's read of it, done, under way or now
         old = self.active.info.version
         self._activate(*ready)
         self.log(f"swapped index {old} -> {self.active.info.version} at step {self.step} "
