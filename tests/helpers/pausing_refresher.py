@@ -13,6 +13,13 @@ passes them (each recognised from the storage writes the refresher makes):
   after_latest     LATEST names the new version; staging cleanup and pruning have not run
 Each pauses once (REALM_JAX_FAULT_PAUSE_SECONDS, default 3600), and every later write of the
 process pauses too: a frozen process, as a kill would find it.
+
+In a multi-process refresher (a `jax.distributed` job) every process counts its own writes: the
+points `restore`, `embedding` and `upload` are passed by each process (its own staged shards, its
+own files of the version); `before_manifest`, `before_latest` and `after_latest` by process 0 only,
+the one that commits. `REALM_JAX_FAULT_PAUSE_PROCESS=N` makes only the process whose
+`jax.process_index()` is N pause (the others run on, until a barrier makes them wait for it);
+unset, every process pauses at the points it passes.
 """
 
 from __future__ import annotations
@@ -30,26 +37,38 @@ from realm_jax.storage import Backend, ObjectInfo, Storage
 
 ENV = "REALM_JAX_FAULT_PAUSE"
 ENV_SECONDS = "REALM_JAX_FAULT_PAUSE_SECONDS"
+ENV_PROCESS = "REALM_JAX_FAULT_PAUSE_PROCESS"
 POINTS = ("restore", "embedding", "upload", "before_manifest", "before_latest", "after_latest")
 
 
 class FaultPoints:
-  """The pause points asked for; `hit(name)` pauses at the first one reached, and at every later hit."""
+  """The pause points asked for; `hit(name)` pauses at the first one reached, and at every later hit.
+  With `process` set, only that JAX process pauses (checked at the first hit: by then the
+  refresher has joined its job)."""
 
-  def __init__(self, names: set[str], seconds: float):
+  def __init__(self, names: set[str], seconds: float, process: int | None = None):
     unknown = sorted(names - set(POINTS))
     if unknown:
       raise SystemExit(f"{ENV}: unknown pause point(s) {unknown}; known: {', '.join(POINTS)}")
-    self.names, self.seconds = set(names), seconds
+    self.names, self.seconds, self.process = set(names), seconds, process
     self._frozen = threading.Event()
 
   def hit(self, name: str) -> None:
+    if self.process is not None:
+      if _process_index() != self.process:
+        self.names.clear()  # not the process asked to pause: never pauses
+      self.process = None
     if name in self.names:
       self.names.discard(name)
-      print(f"FAULT PAUSE at {name} (pid {os.getpid()})", file=sys.stderr, flush=True)
+      print(f"FAULT PAUSE at {name} (pid {os.getpid()}, process {_process_index()})", file=sys.stderr, flush=True)
       self._frozen.set()
     if self._frozen.is_set():
       time.sleep(self.seconds)
+
+
+def _process_index() -> int:
+  import jax
+  return jax.process_index() if jax.distributed.is_initialized() else 0
 
 
 class PausingBackend:
@@ -103,7 +122,8 @@ def main(argv: list[str]) -> int:
   args = build_parser().parse_args(["refresh", *argv])
   logs.configure(getattr(args, "log_level", "info"))
   names = {n.strip() for n in os.environ.get(ENV, "").split(",") if n.strip()}
-  faults = FaultPoints(names, float(os.environ.get(ENV_SECONDS, "3600")))
+  process = os.environ.get(ENV_PROCESS, "").strip()
+  faults = FaultPoints(names, float(os.environ.get(ENV_SECONDS, "3600")), int(process) if process else None)
   return refresh_cli.run(args, storage=pausing_storage(args.storage, faults) if names else None)
 
 
