@@ -172,9 +172,11 @@ class Job:
     self.procs = []
     for pid in range(args.processes):
       env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(args.devices_per_process),
-             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(args.processes),
-             "JAX_PROCESS_ID": str(pid), "SCALE_LAUNCH": repr(launch),
+             "SCALE_LAUNCH": repr(launch),
              "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+      if args.processes > 1:  # one process runs as a user runs it: no jax.distributed (and no Gloo)
+        env.update({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(args.processes),
+                    "JAX_PROCESS_ID": str(pid)})
       stderr = open(f"{log}-{pid}.log", "w")
       self.procs.append(subprocess.Popen(
           [sys.executable, "-c", script, str(root), str(out), json.dumps(overrides(args))],
