@@ -66,6 +66,9 @@ class EmbedFn:
   compilation per sequence length, sharded over every mesh axis, with the parameters replicated.
   The embedder's current parameters are read at each call, so a trainer can keep one EmbedFn
   while its weights change; dropout is off (an eval-mode view; the module itself is untouched).
+  Each device's rows stay on it and the host reads them (no collective in the program: with
+  replicated outputs, XLA:CPU's in-process all-gather of 4 CPU devices deadlocked in one process
+  embedding 1M blocks, dispatch running ahead of a 2-core thread pool).
   """
 
   def __init__(self, embedder: nnx.Module, mesh: Mesh | None = None, batch_size: int = 256):
@@ -88,7 +91,7 @@ class EmbedFn:
 
     self._forward = jax.jit(forward, static_argnums=0,
                             in_shardings=(self.replicated,) + (self.batch_sharding,) * 3,
-                            out_shardings=self.replicated)
+                            out_shardings=self.batch_sharding)  # no all-gather: see below
 
   def _split(self):
     graphdef, state = nnx.split(nnx.view(self.embedder, deterministic=True, raise_if_not_found=False))
