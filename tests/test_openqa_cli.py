@@ -180,3 +180,76 @@ def test_evaluate_and_ask_from_converted_weights(trained, tmp_path, capsys):
   capsys.readouterr()
   assert main(["ask", "Where was Zorblat born?", "--storage", trained, "--weights", str(encoder_only)]) == 2
   assert "retriever and reader" in capsys.readouterr().err
+
+
+def test_evaluate_and_ask_retrieve_with_scann_on_the_host(trained, corpus_dir, tmp_path, capsys):
+  """`--retrieval scann`: the blocks the version's published ScaNN searcher finds on the host are
+  the exact top-k of a numpy brute force over the index (up to near-ties), and with them the
+  answers, recall and exact match equal `--retrieval device`'s; `ask` answers the same too."""
+  import numpy as np
+
+  from realm_jax.openqa.loading import load_for_answering
+  from realm_jax.retrieval import index as index_lib
+  from tests.helpers.ranking import assert_top_k
+
+  facts = str(corpus_dir / "facts.jsonl")
+  preds, summaries = {}, {}
+  for mode in ("device", "scann"):
+    assert main(["evaluate", "--storage", trained, "--questions", facts, "nq-test", "--limit", "16", "--out",
+                 str(tmp_path / mode), "--json", "--batch-size", "8", "--retrieval", mode]) == 0
+    summaries[mode] = [{k: v for k, v in s.items() if k not in ("seconds", "questions_per_second")}
+                       for s in json.loads(capsys.readouterr().out.strip().splitlines()[-1])]
+    preds[mode] = [json.loads(line) for name in ("facts", "nq-test")
+                   for line in (tmp_path / mode / f"{name}.jsonl").read_text().splitlines()]
+  assert summaries["scann"] == summaries["device"]
+  assert summaries["scann"][0]["recall@1"] > 0  # the facts questions are answerable
+  for key in ("qid", "answer", "block_id", "block_rank", "retrieved", "first_hit_rank", "correct"):
+    assert [p[key] for p in preds["scann"]] == [p[key] for p in preds["device"]], key
+  for a, b in zip(preds["scann"], preds["device"]):
+    assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+    assert a["retrieved_scores"] == pytest.approx(b["retrieved_scores"], abs=1e-4)
+
+  # The oracle: query embeddings of the same questions, numpy top-k over the published rows.
+  setup = load_for_answering(trained, retrieval="scann")
+  assert setup.searcher is not None
+  n, cfg = setup.tables.num_blocks, setup.finetuned.config
+  db = index_lib.load_index(Storage.open(trained), setup.index.version).embeddings  # the whole version, read again
+  assert db.shape[0] == n
+  examples = load_questions(facts)[:16] + load_questions("nq-test")[:16]
+  assert len(preds["scann"]) == len(examples) > 16
+  batch = features.encode_questions(examples, setup.tables.tok, cfg.query_len, with_answers=False)
+  setup.finetuned.model.eval()
+  q = np.asarray(setup.finetuned.model.retriever.embed_queries(batch["input_ids"], batch["attention_mask"],
+                                                               batch["token_type_ids"]), np.float32)
+  got = np.array([p["retrieved"] for p in preds["scann"]])
+  assert got.shape == (len(examples), n)  # the beam is the whole (small) corpus
+  assert_top_k(got, q, db, n, atol=1e-4, scores=np.array([p["retrieved_scores"] for p in preds["scann"]]))
+
+  asked = {}
+  for mode in ("device", "scann"):
+    assert main(["ask", "Where was Zorblat born?", "--storage", trained, "--top", "2", "--retrieval", mode]) == 0
+    asked[mode] = capsys.readouterr().out
+  assert asked["scann"] == asked["device"] and asked["scann"].startswith("1. ")
+
+
+def test_scann_retrieval_refuses_a_version_without_a_searcher(trained, tmp_path, capsys):
+  import shutil
+
+  from realm_jax.openqa.loading import load_corpus, load_finetuned
+  from realm_jax.retrieval import index as index_lib
+
+  root = str(tmp_path / "copy")
+  shutil.copytree(trained, root)
+  tuned = load_finetuned(root)
+  storage = Storage.open(root)
+  tables = load_corpus(storage, tuned.corpus_prefix, tuned.config)
+  info = index_lib.build_and_publish_index(storage, tuned.model.retriever.doc_embedder, tables.reader, tuned.config,
+                                           step=7, with_scann=False, keep=10)
+  assert not info.has_scann and not info.scann_parts
+  capsys.readouterr()
+  for argv in (["evaluate", "--questions", "nq-test", "--limit", "2"], ["ask", "Where was Zorblat born?"]):
+    assert main([*argv, "--storage", root, "--index", info.version, "--retrieval", "scann"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert storage.uri(f"{index_lib.PREFIX}/{info.version}") in err[0] and "no ScaNN searcher" in err[0], err
+  assert main(["ask", "Where was Zorblat born?", "--storage", root, "--index", info.version]) == 0  # device: fine

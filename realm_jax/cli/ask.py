@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--weights", default=None, help="converted weights (retriever + reader) instead of a checkpoint")
   p.add_argument("--index", default=None, help="index version (default: the one the model was fine-tuned with)")
+  p.add_argument("--retrieval", choices=("device", "scann"), default="device",
+                 help="device: exact MIPS over the index on the mesh (default); scann: the index version's "
+                 "ScaNN searcher on the host (no accelerator needed for retrieval)")
   p.set_defaults(func=run)
 
 
@@ -30,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
     raise ConfigError(f"--top must be >= 1, got {args.top}")
   if not args.question.strip():
     raise QuestionError("the question is empty")
-  setup = load_for_answering(args.storage, args.step, args.weights, args.index, role="ask")
+  setup = load_for_answering(args.storage, args.step, args.weights, args.index, role="ask",
+                             retrieval=args.retrieval)
   answerer = Answerer(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index,
-                      setup.mesh, candidates=max(20, 4 * args.top))
+                      setup.mesh, candidates=max(20, 4 * args.top), searcher=setup.searcher)
   answers = answerer.ask(args.question, args.top)
   console = Console()
   if not answers:

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--weights", default=None, help="converted weights (retriever + reader) instead of a checkpoint")
   p.add_argument("--index", default=None, help="index version (default: the one the model was fine-tuned with)")
+  p.add_argument("--retrieval", choices=("device", "scann"), default="device",
+                 help="device: exact MIPS over the index on the mesh (default); scann: the index version's "
+                 "ScaNN searcher on the host (no accelerator needed for retrieval)")
   p.add_argument("--batch-size", type=int, default=64, help="questions per batch on the mesh")
   p.add_argument("--json", action="store_true", help="also print the summaries as JSON")
   p.set_defaults(func=run)
@@ -97,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
       outs[name] = check_output(_out_path(args.out, name, many), args.questions, overwrite=args.overwrite,
                                 flag="--out")
   sets = [(name, load_questions(name)[:args.limit]) for name in args.questions]  # fail fast on bad files
-  setup = load_for_answering(args.storage, args.step, args.weights, args.index)
+  setup = load_for_answering(args.storage, args.step, args.weights, args.index,
+                             retrieval=args.retrieval)
   evaluator = ev.Evaluator(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index,
-                           setup.mesh, batch_size=args.batch_size)
+                           setup.mesh, batch_size=args.batch_size, searcher=setup.searcher)
   summaries = []
   for name, examples in sets:
     preds, summary = evaluator.evaluate(examples, name)

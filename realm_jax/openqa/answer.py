@@ -11,7 +11,7 @@ from flax import nnx
 from realm_jax.config import RealmConfig
 from realm_jax.data.qa import QAExample, normalize_answer
 from realm_jax.openqa import features, loading
-from realm_jax.openqa.step import read, retrieve
+from realm_jax.openqa.step import read, retrieve, searcher_ids
 
 
 @dataclasses.dataclass
@@ -30,11 +30,12 @@ class Answer:
 
 
 class Answerer:
-  """Top answers for single questions, the reader beam read in one jitted call."""
+  """Top answers for single questions, the reader beam read in one jitted call; retrieved on the
+  mesh, or on the host by the index version's ScaNN `searcher` when one is given."""
 
   def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings,
-               mesh: jax.sharding.Mesh, candidates: int = 20):
-    self.model, self.cfg, self.tables = model, cfg, tables
+               mesh: jax.sharding.Mesh, candidates: int = 20, searcher=None):
+    self.model, self.cfg, self.tables, self.searcher = model, cfg, tables, searcher
     if tables.num_blocks < cfg.reader_beam_size:
       raise loading.OpenQALoadError(f"the corpus has {tables.num_blocks} blocks, fewer than reader_beam_size "
                                     f"{cfg.reader_beam_size}")
@@ -42,11 +43,12 @@ class Answerer:
     self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     model.eval()
     graphdef, _ = nnx.split(model)
+    self._graphdef = graphdef
     r = cfg.reader_beam_size
 
-    def top_spans(state, batch, corpus):
+    def top_spans(state, batch, corpus, ids=None):
       m = nnx.merge(graphdef, state)
-      _, ids, logits = retrieve(m, batch, corpus, r)
+      _, ids, logits = retrieve(m, batch, corpus, r, ids)
       out = read(m, batch, corpus, ids, logits)
       flat = out["logits"].reshape(out["logits"].shape[0], -1)
       scores, best = jax.lax.top_k(flat, min(candidates, flat.shape[-1]))
@@ -63,7 +65,11 @@ class Answerer:
     host = features.encode_questions([example], self.tables.tok, self.cfg.query_len, with_answers=False)
     batch = {k: jax.device_put(v, self.replicated) for k, v in host.items()}
     state = jax.device_put(nnx.state(self.model), self.replicated)
-    raw = jax.device_get(self._top(state, batch, self.corpus))
+    ids = None
+    if self.searcher is not None:
+      ids = jax.device_put(searcher_ids(self._graphdef, state, batch, self.searcher, self.cfg.reader_beam_size),
+                           self.replicated)
+    raw = jax.device_get(self._top(state, batch, self.corpus, ids))
     answers, seen = [], set()
     for j in range(raw["score"].shape[1]):
       rank = int(raw["block"][0, j])

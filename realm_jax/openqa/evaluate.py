@@ -1,6 +1,7 @@
-"""Batched Open-QA evaluation on the mesh: exact match (ORQA's SQuAD normalisation, regex match
-for CuratedTrec), retrieval recall@k (DPR's `has_answer` on the top-k blocks), predictions JSONL;
-the CLI prints the summaries (`cli/evaluate.py`).
+"""Batched Open-QA evaluation on the mesh (blocks retrieved there, or on the host by ScaNN): exact
+match (ORQA's SQuAD normalisation, regex match for CuratedTrec), retrieval recall@k (DPR's
+`has_answer` on the top-k blocks), predictions JSONL; the CLI prints the summaries
+(`cli/evaluate.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from realm_jax.config import RealmConfig
 from realm_jax.data import qa
 from realm_jax.data.qa import QAExample
 from realm_jax.openqa import features, loading
-from realm_jax.openqa.step import predict
+from realm_jax.openqa.step import predict, searcher_ids
 
 RECALL_KS = (1, 5, 20, 100)
 
@@ -59,16 +60,20 @@ class Summary:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _predict(graphdef, beam: int, state, batch, corpus):
-  return predict(nnx.merge(graphdef, state), batch, corpus, beam)
+def _predict(graphdef, beam: int, state, batch, corpus, ids=None):
+  return predict(nnx.merge(graphdef, state), batch, corpus, beam, ids=ids)
 
 
 class Evaluator:
-  """Answers questions in batches sharded over the mesh `data` axis, against a frozen index."""
+  """Answers questions in batches sharded over the mesh `data` axis, against a frozen index. With a
+  `searcher` (the index version's ScaNN searcher), the blocks are retrieved on the host by it
+  instead of by exact MIPS on the mesh; reading is the same."""
 
   def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings,
-               mesh: jax.sharding.Mesh, batch_size: int = 64, recall_ks: Sequence[int] = RECALL_KS):
+               mesh: jax.sharding.Mesh, batch_size: int = 64, recall_ks: Sequence[int] = RECALL_KS,
+               searcher=None):
     self.model, self.cfg, self.tables, self.mesh = model, cfg, tables, mesh
+    self.searcher = searcher
     data = mesh.shape["data"]
     self.batch_size = max(data, -(-batch_size // data) * data)
     n = tables.num_blocks
@@ -90,7 +95,10 @@ class Evaluator:
       host = features.encode_questions(chunk, self.tables.tok, self.cfg.query_len, with_answers=False)
       host = features.pad_batch(host, self.batch_size)
       batch = {k: jax.device_put(v, self.sharding) for k, v in host.items()}
-      outs.append((len(chunk), _predict(self._graphdef, self.beam, state, batch, self.corpus)))
+      ids = None
+      if self.searcher is not None:
+        ids = jax.device_put(searcher_ids(self._graphdef, state, batch, self.searcher, self.beam), self.sharding)
+      outs.append((len(chunk), _predict(self._graphdef, self.beam, state, batch, self.corpus, ids)))
     if not outs:
       return {}
     keys = outs[0][1].keys()

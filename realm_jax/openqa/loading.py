@@ -230,14 +230,18 @@ class AnsweringSetup:
   tables: CorpusTables
   index: index_lib.IndexRows  # this process's rows (all of them: answering is one process)
   mesh: object
+  searcher: object = None  # the version's ScaNN searcher (`retrieval="scann"`), else None
 
 
 def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: str | None = None,
                        index_version: str | None = None, corpus_prefix: str | None = None,
-                       role: str = "evaluate") -> AnsweringSetup:
+                       role: str = "evaluate", retrieval: str = "device") -> AnsweringSetup:
   """Model (checkpoint or weights), corpus and the index it was fine-tuned with (or `index_version`,
   or LATEST), all checked against each other. Answering runs as one process (`role` names it in
-  the error on a multi-host machine)."""
+  the error on a multi-host machine). `retrieval="scann"` also loads the version's ScaNN searcher
+  (its partitions searched as one), refused for a version published without one."""
+  if retrieval not in ("device", "scann"):
+    raise OpenQALoadError(f"retrieval must be 'device' or 'scann', got {retrieval!r}")
   parallel.initialize_distributed(role, multi_process=False)
   finetuned = load_finetuned(storage_uri, step, weights_uri)
   storage = Storage.open(storage_uri)
@@ -252,4 +256,14 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
   if loaded.info.dim != finetuned.config.retriever_dim:
     raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model retrieves with "
                           f"{finetuned.config.retriever_dim}-d queries")
-  return AnsweringSetup(finetuned, tables, loaded, mesh)
+  searcher = None
+  if retrieval == "scann":
+    uri = loaded.published.uri()
+    if not (loaded.info.scann_parts or loaded.info.has_scann):
+      raise OpenQALoadError(f"{uri}: this index version has no ScaNN searcher; use --retrieval device, or publish "
+                            "one with ScaNN (`realm-jax refresh` without --no-scann)")
+    searcher = loaded.load_searcher()
+    if (searcher.info.num_rows, searcher.info.dim) != (loaded.info.num_blocks, loaded.info.dim):
+      raise OpenQALoadError(f"{uri}: its ScaNN searcher covers {searcher.info.num_rows} rows of "
+                            f"{searcher.info.dim}-d, the index has {loaded.info.num_blocks} of {loaded.info.dim}-d")
+  return AnsweringSetup(finetuned, tables, loaded, mesh, searcher)

@@ -2,9 +2,10 @@
 
 Read top to bottom:
 1. embed the questions with the query tower (trained);
-2. retrieve the top `beam` blocks from the frozen index (exact MIPS on the mesh, no gradient);
-   their retriever logits are recomputed as q . e from the gathered (frozen) embeddings, so the
-   gradient reaches the query tower;
+2. retrieve the top `beam` blocks from the frozen index (exact MIPS on the mesh, no gradient; or
+   ids found on the host by the index version's ScaNN searcher, `searcher_ids`); their retriever
+   logits are recomputed as q . e from the gathered (frozen) embeddings, so the gradient reaches
+   the query tower;
 3. look the answers' token ids up in every retrieved block (on device): a block "has the answer"
    when an answer's tokens occur as a whole-word run in its body;
 4. read the top `reader_beam_size` blocks: `[CLS] question [SEP] body [SEP]` built on device, span
@@ -17,6 +18,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -120,16 +122,32 @@ def correct_reader_spans(match: jax.Array, answers: jax.Array, starts: jax.Array
   return jnp.any(gathered & right_len, axis=2) & inside
 
 
-def retrieve(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, beam: int
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def retrieve(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, beam: int,
+             ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(query embeddings `[Q, D]`, block ids `[Q, beam]` (-1 past the corpus), logits `[Q, beam]`
-  as q . e with the gradient to q)."""
+  as q . e with the gradient to q). `ids` `[Q, beam]` found elsewhere (`searcher_ids`) replace the
+  on-device search; their logits are computed here all the same."""
   q_emb = model.retriever.embed_queries(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-  found = mips.search(jax.lax.stop_gradient(q_emb), corpus.embeddings, beam)
-  ids = found.ids
+  if ids is None:
+    ids = mips.search(jax.lax.stop_gradient(q_emb), corpus.embeddings, beam).ids
   emb = gather_rows(corpus.embeddings, ids)  # [Q, beam, D], frozen
   logits = jnp.einsum("qd,qkd->qk", q_emb, emb)
   return q_emb, ids, jnp.where(ids >= 0, logits, -1e9)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _query_embeddings(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
+  return nnx.merge(graphdef, state).retriever.embed_queries(batch["input_ids"], batch["attention_mask"],
+                                                             batch["token_type_ids"])
+
+
+def searcher_ids(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], searcher, beam: int
+                 ) -> np.ndarray:
+  """Host-side retrieval (`--retrieval scann`): the questions' embeddings from the query tower
+  (jitted), then `searcher.search` (a `scann_index.PartitionedSearcher`) on the host. int32 ids
+  `[Q, beam]`, best first, -1 where the corpus has no more rows: the `ids` of `retrieve`."""
+  q = np.asarray(jax.device_get(_query_embeddings(graphdef, state, batch)), np.float32)
+  return np.asarray(searcher.search(q, beam).ids, np.int32)
 
 
 def read(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, read_ids: jax.Array,
@@ -202,11 +220,12 @@ def _span_index(pred: dict[str, jax.Array], out: dict[str, jax.Array]) -> jax.Ar
 
 
 def predict(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, beam: int,
-            with_logits: bool = False) -> dict[str, jax.Array]:
+            with_logits: bool = False, ids: jax.Array | None = None) -> dict[str, jax.Array]:
   """Answers of a batch: retrieved ids/scores `[Q, beam]`, the best (block, span) of the top
-  `reader_beam_size`, as body token indices (`start`, `end`) of block `block_id`."""
+  `reader_beam_size`, as body token indices (`start`, `end`) of block `block_id`. `ids`: the
+  blocks retrieved on the host (`searcher_ids`) instead of on the mesh."""
   r = model.config.reader_beam_size
-  _, ids, logits = retrieve(model, batch, corpus, beam)
+  _, ids, logits = retrieve(model, batch, corpus, beam, ids)
   out = read(model, batch, corpus, ids[:, :r], logits[:, :r])
   pred = predict_span(out["logits"], out["starts"], out["ends"])
   block_id = jnp.take_along_axis(ids, pred["block"][:, None], axis=1)[:, 0]
