@@ -11,6 +11,7 @@ from flax import nnx
 from realm_jax.config import get_preset
 from realm_jax.data.corpus import CorpusReader, build_corpus
 from realm_jax.data.features import blocks_doc_inputs
+from realm_jax.models.microbatch import rows_per_step
 from realm_jax.models.retriever import RetrieverEmbedder
 from realm_jax.retrieval.embed import (
   EmbedError,
@@ -88,11 +89,12 @@ def _random_inputs(n: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
   return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-@pytest.mark.parametrize("devices,batch_size", [(8, 8), (1, 5)])
-def test_embed_fn_matches_direct_call(embedder, devices, batch_size):
+@pytest.mark.parametrize("devices,batch_size,step_tokens", [(8, 8, "auto"), (1, 5, "auto"), (8, 16, 20), (1, 6, 64)])
+def test_embed_fn_matches_direct_call(embedder, devices, batch_size, step_tokens):
+  """Also with micro-batches inside a batch (step_tokens: 20 gives 1 row a device and step)."""
   assert jax.device_count() == 8
   mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
-  fn = make_embed_fn(embedder, mesh, batch_size=batch_size)
+  fn = make_embed_fn(embedder, mesh, batch_size=batch_size, step_tokens=step_tokens)
   inputs = _random_inputs(13, 32)  # 13 is not a multiple of the batch: the last batch is padded
   embedder.train()  # the embed fn must still run without dropout, and leave the module as it was
   try:
@@ -237,3 +239,10 @@ def test_embed_corpus_bfloat16(tmp_path, embed_fn):
   assert storage.stat(bf16.paths[0]).size < 0.6 * storage.stat(f32.paths[0]).size
   # bfloat16 keeps 8 mantissa bits: values of magnitude <= ~4 round by <= 4 * 2^-8 ~ 1.6e-2.
   np.testing.assert_allclose(bf16.load(storage), f32.load(storage), atol=2e-2)
+
+
+def test_rows_per_step():
+  assert rows_per_step(64, 288, 1, 512) == 1 and rows_per_step(64, 144, 1, 512) == 2
+  assert rows_per_step(64, 16, 1, 512) == 32 and rows_per_step(64, 16, 8, 512) == 64
+  assert rows_per_step(16, 32, 8, 20) == 8  # one row a device, even over the budget
+  assert rows_per_step(64, 288, 1, None) == 64 and rows_per_step(12, 8, 8, 16) == 12  # uneven: one step

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from realm_jax.config import RealmConfig
 from realm_jax.data import qa
 from realm_jax.data.qa import QAExample
+from realm_jax.models.microbatch import step_tokens_for
 from realm_jax.openqa import features, loading
 from realm_jax.openqa.step import predict
 
@@ -58,16 +59,19 @@ class Summary:
             "questions_per_second": self.questions_per_second}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _predict(graphdef, beam: int, state, batch, corpus):
-  return predict(nnx.merge(graphdef, state), batch, corpus, beam)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _predict(graphdef, beam: int, step_tokens: int | None, devices: int, state, batch, corpus):
+  return predict(nnx.merge(graphdef, state), batch, corpus, beam, step_tokens=step_tokens, devices=devices)
 
 
 class Evaluator:
-  """Answers questions in batches sharded over the mesh `data` axis, against a frozen index."""
+  """Answers questions in batches sharded over the mesh `data` axis, against a frozen index.
+  Inside a batch the towers run over micro-batches of at most `step_tokens` tokens a device
+  ("auto": 512 on CPU, where that is faster, the whole batch on accelerators)."""
 
   def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings: np.ndarray,
-               mesh: jax.sharding.Mesh, batch_size: int = 64, recall_ks: Sequence[int] = RECALL_KS):
+               mesh: jax.sharding.Mesh, batch_size: int = 64, recall_ks: Sequence[int] = RECALL_KS,
+               step_tokens: int | None | str = "auto"):
     self.model, self.cfg, self.tables, self.mesh = model, cfg, tables, mesh
     data = mesh.shape["data"]
     self.batch_size = max(data, -(-batch_size // data) * data)
@@ -78,6 +82,7 @@ class Evaluator:
     self.beam = min(max(max(self.recall_ks, default=1), cfg.reader_beam_size), n)
     self.corpus = loading.reader_corpus(tables, embeddings, cfg, mesh)
     self.sharding = NamedSharding(mesh, P("data"))
+    self.step_tokens = step_tokens_for(mesh) if step_tokens == "auto" else step_tokens
     model.eval()
     self._graphdef, _ = nnx.split(model)
 
@@ -90,7 +95,8 @@ class Evaluator:
       host = features.encode_questions(chunk, self.tables.tok, self.cfg.query_len, with_answers=False)
       host = features.pad_batch(host, self.batch_size)
       batch = {k: jax.device_put(v, self.sharding) for k, v in host.items()}
-      outs.append((len(chunk), _predict(self._graphdef, self.beam, state, batch, self.corpus)))
+      outs.append((len(chunk), _predict(self._graphdef, self.beam, self.step_tokens, self.mesh.shape["data"],
+                                        state, batch, self.corpus)))
     if not outs:
       return {}
     keys = outs[0][1].keys()

@@ -30,6 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from realm_jax.data.features import SpecialIds, blocks_doc_inputs
 from realm_jax.errors import RealmError
+from realm_jax.models.microbatch import map_rows, rows_per_step, step_tokens_for
 from realm_jax.storage import ObjectExists
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -97,10 +98,12 @@ class EmbedFn:
   jit compilation per padded length, sharded over every mesh axis, with the parameters replicated.
   The embedder's current parameters are read at each call, so a trainer can keep one EmbedFn
   while its weights change; dropout is off (an eval-mode view; the module itself is untouched).
+  Inside a batch the tower runs over micro-batches of at most `step_tokens` tokens a device
+  (`models/microbatch.py`; "auto": 512 on CPU, the whole batch on accelerators).
   """
 
   def __init__(self, embedder: nnx.Module, mesh: Mesh | None = None, batch_size: int = 256,
-               bucketing: bool = True):
+               bucketing: bool = True, step_tokens: int | None | str = "auto"):
     self.embedder = embedder
     self.mesh = auto_mesh(mesh) if mesh is not None else default_mesh()
     self.num_devices = math.prod(self.mesh.shape.values())
@@ -111,13 +114,16 @@ class EmbedFn:
     self.batch_sharding = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
     self.replicated = NamedSharding(self.mesh, P())
     self.bucketing = bucketing
+    self.step_tokens = step_tokens_for(self.mesh) if step_tokens == "auto" else step_tokens
     self.compilations = 0
     self.dim: int | None = None
 
     def forward(graphdef, state, input_ids, attention_mask, token_type_ids):
       self.compilations += 1  # runs once per trace, i.e. per compilation
       model = nnx.merge(graphdef, state)
-      return model(input_ids, attention_mask, token_type_ids).astype(jnp.float32)
+      rows = rows_per_step(input_ids.shape[0], input_ids.shape[1], self.num_devices, self.step_tokens)
+      out = map_rows(model, (input_ids, attention_mask, token_type_ids), rows)
+      return out.astype(jnp.float32)
 
     self._forward = jax.jit(forward, static_argnums=0,
                             in_shardings=(self.replicated,) + (self.batch_sharding,) * 3,
@@ -167,9 +173,9 @@ class EmbedFn:
 
 
 def make_embed_fn(embedder: nnx.Module, mesh: Mesh | None = None, batch_size: int = 256,
-                  bucketing: bool = True) -> EmbedFn:
+                  bucketing: bool = True, step_tokens: int | None | str = "auto") -> EmbedFn:
   """A jit-compiled, mesh-sharded host function embedding `[n, L]` token inputs (see EmbedFn)."""
-  return EmbedFn(embedder, mesh, batch_size, bucketing)
+  return EmbedFn(embedder, mesh, batch_size, bucketing, step_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
