@@ -60,8 +60,8 @@ class SelfAttention(nnx.Module):
   """Multi-head self-attention with the output projection (residual and norm live in the layer).
 
   Without attention dropout (eval, or rate 0) on an accelerator it goes through
-  `jax.nn.dot_product_attention` (cuDNN / TPU kernels). On XLA:CPU that function is slower than
-  the written-out einsum + softmax (about 1.7x on MiniLM blocks), so CPU keeps the latter; `fused`
+  `jax.nn.dot_product_attention` (cuDNN / TPU kernels). On XLA:CPU that function ran slower than
+  the written-out einsum + softmax in same-run comparisons, so CPU keeps the latter; `fused`
   (True / False, None = by backend) forces either, e.g. to check both against HF on CPU."""
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
