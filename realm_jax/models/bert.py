@@ -120,8 +120,17 @@ def set_fused_attention(model: nnx.Module, fused: bool | None) -> None:
       m.fused = fused
 
 
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _call_layer(layer: "BertLayer", x: jax.Array, mask: jax.Array) -> jax.Array:
+  return layer(x, mask)
+
+
 class BertEncoder(nnx.Module):
-  """BERT: embeddings, `num_layers` post-LN layers and (optionally) the tanh pooler over [CLS]."""
+  """BERT: embeddings, `num_layers` post-LN layers and (optionally) the tanh pooler over [CLS].
+
+  `config.remat` wraps each layer in `nnx.remat` (full, or saving batch-free matmul outputs)."""
 
   def __init__(self, cfg: BertConfig, *, pooler: bool = True, rngs: nnx.Rngs):
     self.config = cfg
@@ -134,8 +143,12 @@ class BertEncoder(nnx.Module):
     """Inputs `[..., L]` int32. Returns (sequence output `[..., L, H]`, pooled `[..., H]` or None)."""
     lead, (ids, mask, types) = flatten_leading(input_ids, attention_mask, token_type_ids)
     x = self.embeddings(ids, types)
+    remat = self.config.remat
     for layer in self.layers:
-      x = layer(x, mask)
+      if remat == "none":
+        x = layer(x, mask)
+      else:
+        x = nnx.remat(_call_layer, policy=_REMAT_POLICIES[remat])(layer, x, mask)
     pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
     x = x.reshape(*lead, *x.shape[-2:])
     if pooled is not None:
