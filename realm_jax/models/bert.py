@@ -130,7 +130,8 @@ def _call_layer(layer: "BertLayer", x: jax.Array, mask: jax.Array) -> jax.Array:
 class BertEncoder(nnx.Module):
   """BERT: embeddings, `num_layers` post-LN layers and (optionally) the tanh pooler over [CLS].
 
-  `config.remat` wraps each layer in `nnx.remat` (full, or saving batch-free matmul outputs)."""
+  `config.remat` wraps each layer in `nnx.remat` (full, or saving batch-free matmul outputs) in
+  training mode; in eval mode (embedding, answering) layers are called plainly."""
 
   def __init__(self, cfg: BertConfig, *, pooler: bool = True, rngs: nnx.Rngs):
     self.config = cfg
@@ -145,7 +146,7 @@ class BertEncoder(nnx.Module):
     x = self.embeddings(ids, types)
     remat = self.config.remat
     for layer in self.layers:
-      if remat == "none":
+      if remat == "none" or self.embeddings.dropout.deterministic:  # eval: no backward to save for
         x = layer(x, mask)
       else:
         x = nnx.remat(_call_layer, policy=_REMAT_POLICIES[remat])(layer, x, mask)
