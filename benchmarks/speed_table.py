@@ -76,7 +76,7 @@ def main(argv=None) -> int:
       continue
     ours, peer, ratio = (float(x) for x in m.groups())
     verdict = "VOID (load)" if max(before, after) > MAX_LOAD else "ok"
-    lines.append(f"| {name} | {ours:.1f} {unit} | {peer:.1f} {unit} | {ratio:.2f}x | {before:.2f} -> {after:.2f} | "
+    lines.append(f"| {name} | {ours:.4g} {unit} | {peer:.4g} {unit} | {ratio:.2f}x | {before:.2f} -> {after:.2f} | "
                  f"{verdict}, {minutes:.1f} min |")
     print(lines[-1], flush=True)
   table = "\n".join([f"Started {started}; `python benchmarks/speed_table.py{' --quick' if args.quick else ''}`; "
