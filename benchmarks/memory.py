@@ -38,16 +38,16 @@ def write_corpus(root: str, num_docs: int = 40, seed: int = 0) -> None:
   build_corpus([os.path.join(root, "docs.jsonl")], Storage.open(root), block_len=288)
 
 
-def train_config(preset: str, batch: int):
+def train_config(preset: str, batch: int, remat: str = "none"):
   """The measured config: a preset's towers with the paper's lengths and 8 candidates."""
   from realm_jax.config import get_preset
   from realm_jax.train.config import TrainConfig
 
-  return TrainConfig(model=get_preset(preset), batch_size=batch, masking="random_token",
+  return TrainConfig(model=get_preset(preset, **{"bert.remat": remat}), batch_size=batch, masking="random_token",
                      index_refresh="none", async_checkpointing=False, num_train_steps=10)
 
 
-def measure(preset: str, batch: int, root: str) -> dict:
+def measure(preset: str, batch: int, root: str, remat: str = "none") -> dict:
   """Compiles the trainer's step in this process; returns XLA's per-device sizes and our estimate."""
   import jax
   import numpy as np
@@ -57,7 +57,7 @@ def measure(preset: str, batch: int, root: str) -> dict:
   from realm_jax.train import inputs, memory
   from realm_jax.train.trainer import Trainer
 
-  cfg = train_config(preset, batch)
+  cfg = train_config(preset, batch, remat)
   trainer = Trainer(cfg, root, log_fn=lambda m: None, write_done=False)
   n = trainer.dev_corpus.num_blocks
   rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def measure(preset: str, batch: int, root: str) -> dict:
   trainer.loader.close()
   est = memory.estimate(cfg, jax.device_count(), n, accelerator=False)
   return {
-      "preset": preset, "devices": jax.device_count(), "batch": batch, "num_blocks": n,
+      "preset": preset, "devices": jax.device_count(), "batch": batch, "remat": remat, "num_blocks": n,
       "compile_seconds": round(compile_s, 1),
       "measured": {"arguments": int(stats.argument_size_in_bytes), "temporaries": int(stats.temp_size_in_bytes),
                    "outputs": int(stats.output_size_in_bytes), "aliased": int(stats.alias_size_in_bytes)},
@@ -79,10 +79,10 @@ def measure(preset: str, batch: int, root: str) -> dict:
   }
 
 
-def run_child(preset: str, devices: int, batch: int, root: str, timeout: int = 1200) -> dict:
+def run_child(preset: str, devices: int, batch: int, root: str, timeout: int = 1200, remat: str = "none") -> dict:
   """`measure` in a fresh process with `devices` emulated CPU devices (fixed at JAX import)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), "TF_CPP_MIN_LOG_LEVEL": "2"}
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{preset}:{devices}:{batch}", "--root", root]
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{preset}:{devices}:{batch}:{remat}", "--root", root]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   if out.returncode != 0:
     raise RuntimeError(f"measuring {preset}:{devices}:{batch} failed:\n{out.stderr[-3000:]}")
@@ -139,14 +139,17 @@ def print_table(experiment: str = "realm_wiki_base") -> None:
           f"| {f32.per_device_batch}/device: {gb(f32.total)} | {cells[0]} | {cells[1]} |")
 
 
-def _parse(spec: str) -> tuple[str, int, int]:
-  preset, devices, batch = spec.split(":")
-  return preset, int(devices), int(batch)
+def _parse(spec: str) -> tuple[str, int, int, str]:
+  """`preset:devices:batch[:remat]` (remat: none, full or dots; default none)."""
+  parts = spec.split(":")
+  if len(parts) not in (3, 4):
+    raise SystemExit(f"memory.py: config {spec!r} is not preset:devices:batch[:remat]")
+  return parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) == 4 else "none"
 
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="preset:devices:global_batch")
+  ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="preset:devices:global_batch[:remat]")
   ap.add_argument("--root", default=None, help="where the synthetic corpus is built (default: a temp dir)")
   ap.add_argument("--table", action="store_true", help="print the estimate table of tpu/README.md and exit")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -155,8 +158,8 @@ def main(argv=None) -> None:
     print_table()
     return
   if args.child:
-    preset, _, batch = _parse(args.child)
-    print("MEMORY=" + json.dumps(measure(preset, batch, args.root)), flush=True)
+    preset, _, batch, remat = _parse(args.child)
+    print("MEMORY=" + json.dumps(measure(preset, batch, args.root, remat)), flush=True)
     return
   import tempfile
   with tempfile.TemporaryDirectory() as tmp:
@@ -164,7 +167,8 @@ def main(argv=None) -> None:
     write_corpus(root)
     print(f"{'config':<16} {'part':<12} {'estimate MB':>12} {'XLA MB':>10} {'est/XLA':>8}")
     for spec in args.configs:
-      r = run_child(*_parse(spec), root)
+      preset, devices, batch, remat = _parse(spec)
+      r = run_child(preset, devices, batch, root, remat=remat)
       for part in ("arguments", "temporaries"):
         e, m = r["estimate"][part], r["measured"][part]
         print(f"{spec:<16} {part:<12} {e / 1e6:>12.1f} {m / 1e6:>10.1f} {e / m:>8.3f}")

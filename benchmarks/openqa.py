@@ -9,7 +9,9 @@ converted into our OpenQAModel, so both answer with the same weights, blocks and
     over the top `reader_beam_size` blocks, spans -> text (compile excluded: one warm-up pass);
   - HF: `RealmForOpenQA.forward`, one question at a time (its batch size must be 1), eval mode;
 Both answer the first `--questions` NQ-Open test questions. Prints questions/s of each, the
-ratio ours / HF, and the fraction of questions where both picked the same block and span.
+ratio ours / HF, the fraction of questions where both picked the same block and span, and the
+1-minute load average before and after. `--whole-batch` also times ours without the CPU
+micro-batches (each tower over the whole batch at once), in the same alternating rounds.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def main() -> None:
   p.add_argument("--vocab", default=None, help="WordPiece vocab.txt (default: the packaged MiniLM's)")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--no-hf", action="store_true", help="time ours only (where transformers 4.40.2 is absent)")
+  p.add_argument("--whole-batch", action="store_true", help="also time ours without micro-batches")
   args = p.parse_args()
+  print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}", flush=True)
   if args.devices:
     os.environ["JAX_NUM_CPU_DEVICES"] = str(args.devices)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,6 +105,11 @@ def main() -> None:
 
   evaluator = Evaluator(model, cfg, tables, embeddings, mesh, batch_size=args.batch, recall_ks=(args.reader_beam,))
   evaluator.answer(questions)  # compile
+  whole = None
+  if args.whole_batch:
+    whole = Evaluator(model, cfg, tables, embeddings, mesh, batch_size=args.batch, recall_ks=(args.reader_beam,),
+                      step_tokens=None)
+    whole.answer(questions)
 
   def run_hf():
     out = []
@@ -111,11 +120,15 @@ def main() -> None:
     return out
 
   run_hf()  # warm-up
-  ours_times, hf_times = [], []
+  ours_times, hf_times, whole_times = [], [], []
   for _ in range(args.rounds):  # alternating rounds: both see the same machine load
     t0 = time.perf_counter()
     ours = evaluator.answer(questions)
     ours_times.append(time.perf_counter() - t0)
+    if whole:
+      t0 = time.perf_counter()
+      whole.answer(questions)
+      whole_times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     hf_out = run_hf()
     hf_times.append(time.perf_counter() - t0)
@@ -131,7 +144,10 @@ def main() -> None:
         f"questions; median of {args.rounds} alternating rounds")
   print(f"ours (Evaluator.answer, batches of {evaluator.batch_size}): {q / ours_s:9.1f} questions/s")
   print(f"HF RealmForOpenQA (1 question/call):       {q / hf_s:9.1f} questions/s")
+  if whole:
+    print(f"ours, whole batch per tower (no micro-batches): {q / statistics.median(whole_times):9.1f} questions/s")
   print(f"ratio ours / HF: {hf_s / ours_s:.2f}x;  same block and span as HF: {same}/{q}")
+  print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 
 
 def _time_ours(model, cfg, tables, embeddings, mesh, questions, args, note):
@@ -156,6 +172,7 @@ def _time_ours(model, cfg, tables, embeddings, mesh, questions, args, note):
         f"batches of {answer_only.batch_size}")
   print(f"ours, answers only (retrieve top {answer_only.beam}):        {q / ours_s:9.1f} questions/s")
   print(f"ours, evaluate (top {full.beam}, EM + recall@k on the host): {q / full_s:9.1f} questions/s")
+  print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
   return ours, ours_s
 
 

@@ -7,12 +7,14 @@ jitted over the (model, optimizer) state as the trainer does. HF: `RealmScorer` 
 candidates) + `RealmKnowledgeAugEncoder` with labels, forward+backward + AdamW, candidates given
 (HF has no in-step retrieval). Both in training mode (dropout on). After the warm-up steps the two
 sides alternate step by step, so load from other jobs hits both alike; every timed step is
-printed, with a steadiness check (slowest / fastest). `--breakdown` also times our step's parts.
+printed, with a steadiness check (slowest / fastest), and the 1-minute load average before and after.
+`--breakdown` also times our step's parts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -162,6 +164,7 @@ def main() -> None:
   ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   ap.add_argument("--breakdown", action="store_true", help="also time our step's parts")
   args = ap.parse_args()
+  print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}", flush=True)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {args.batch} queries x "
         f"{args.candidates} candidates; index {args.blocks} blocks; {args.warmup} warm-up steps, then "
         f"{args.iters} timed steps per side, alternating; torch threads {args.threads}")
@@ -188,6 +191,7 @@ def main() -> None:
       total = sum(parts.values())
       for name, t in parts.items():
         print(f"  {name:16s} {t * 1e3:8.1f} ms  ({100 * t / total:4.1f}% of the parts)")
+  print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from realm_jax.errors import ConfigError
 _DTYPES = ("float32", "bfloat16", "float16")
 _ACTIVATIONS = ("gelu_new", "gelu", "relu")
 _MARGINALS = ("token", "span")
+_REMAT = ("none", "full", "dots")
 
 
 def check(cond: bool, msg: str) -> None:
@@ -77,6 +78,9 @@ class BertConfig:
   dropout_rate: float = 0.1
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters are always float32.
+  # Rematerialisation per layer in training: "none", "full" (keep each layer's input, recompute the
+  # rest in the backward pass) or "dots" (also keep matmul outputs without batch dimensions).
+  remat: str = "none"
 
   def __post_init__(self):
     check_types(self)
@@ -86,6 +90,7 @@ class BertConfig:
           f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
     check_choice(self, "hidden_act", _ACTIVATIONS)
     check_choice(self, "dtype", _DTYPES)
+    check_choice(self, "remat", _REMAT)
     check(0.0 <= self.dropout_rate < 1.0, f"BertConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
     check(self.layer_norm_eps > 0, f"BertConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
@@ -144,8 +149,11 @@ class RealmConfig:
     return cls(**{**d, "bert": bert})
 
   def fingerprint(self) -> str:
-    """A short hash of the architecture, recorded in index manifests."""
-    return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+    """A short hash of the architecture, recorded in index manifests (`bert.remat` is left out:
+    it changes what the backward pass recomputes, not the model)."""
+    d = self.to_dict()
+    d["bert"].pop("remat")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
   def replace(self, **kwargs) -> "RealmConfig":
     bert_kwargs = {k[len("bert."):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("bert.")}

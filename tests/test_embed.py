@@ -11,8 +11,17 @@ from flax import nnx
 from realm_jax.config import get_preset
 from realm_jax.data.corpus import CorpusReader, build_corpus
 from realm_jax.data.features import blocks_doc_inputs
+from realm_jax.models.microbatch import rows_per_step
 from realm_jax.models.retriever import RetrieverEmbedder
-from realm_jax.retrieval.embed import EmbedError, embed_corpus, make_embed_fn, shard_name
+from realm_jax.retrieval.embed import (
+  EmbedError,
+  bucket_lengths,
+  embed_corpus,
+  length_batches,
+  make_embed_fn,
+  shard_name,
+  used_lengths,
+)
 from realm_jax.storage import Storage
 
 CFG = get_preset("tiny", **{"bert.vocab_size": 30522})
@@ -80,11 +89,12 @@ def _random_inputs(n: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
   return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-@pytest.mark.parametrize("devices,batch_size", [(8, 8), (1, 5)])
-def test_embed_fn_matches_direct_call(embedder, devices, batch_size):
+@pytest.mark.parametrize("devices,batch_size,step_tokens", [(8, 8, "auto"), (1, 5, "auto"), (8, 16, 20), (1, 6, 64)])
+def test_embed_fn_matches_direct_call(embedder, devices, batch_size, step_tokens):
+  """Also with micro-batches inside a batch (step_tokens: 20 gives 1 row a device and step)."""
   assert jax.device_count() == 8
   mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
-  fn = make_embed_fn(embedder, mesh, batch_size=batch_size)
+  fn = make_embed_fn(embedder, mesh, batch_size=batch_size, step_tokens=step_tokens)
   inputs = _random_inputs(13, 32)  # 13 is not a multiple of the batch: the last batch is padded
   embedder.train()  # the embed fn must still run without dropout, and leave the module as it was
   try:
@@ -98,8 +108,55 @@ def test_embed_fn_matches_direct_call(embedder, devices, batch_size):
   # Jitted batches vs the eager reference over LayerNorm-ed outputs (O(1)): float32 rounding ~1e-6.
   np.testing.assert_allclose(got, want, atol=1e-5)
   np.testing.assert_allclose(few, want[:3], atol=1e-5)
-  assert fn.compilations == 1  # one fixed batch shape
+  shapes = {p for x in (inputs, {k: v[:3] for k, v in inputs.items()})
+            for _, p in length_batches(used_lengths(x["attention_mask"]), fn.batch_size, bucket_lengths(32))}
+  assert fn.compilations == len(shapes)  # one per padded length: a fixed number of rows
+  fn(inputs)
+  assert fn.compilations == len(shapes)
   assert len(fn.mesh.devices.flat) == devices
+
+
+def test_length_buckets():
+  assert bucket_lengths(288) == (16, 32, 64, 128, 192, 256, 288)
+  assert bucket_lengths(64) == (16, 32, 64) and bucket_lengths(8) == (8,)
+  mask = np.zeros((4, 10), np.int32)
+  mask[0, :3] = 1
+  mask[1, [0, 1, 6]] = 1  # a hole: the last kept position counts
+  mask[3] = 1
+  assert used_lengths(mask).tolist() == [3, 7, 10, 10]  # an all-padding row keeps its length
+  batches = length_batches(np.array([40, 3, 64, 17, 5]), 2, bucket_lengths(64))
+  assert [(r.tolist(), p) for r, p in batches] == [([1, 4], 16), ([3, 0], 64), ([2], 64)]
+
+
+def test_length_bucketing_matches_padded_batches(embedder):
+  """Rows of mixed lengths in shuffled order: the bucketed embed fn cuts padding (several padded
+  lengths compiled) and gives the fully padded batches' embeddings, row for row, within 1e-5."""
+  inputs = _random_inputs(40, 64, seed=3)
+  inputs["attention_mask"][0, 5] = 0  # a hole in a mask
+  bucketed = make_embed_fn(embedder, batch_size=8)
+  padded = make_embed_fn(embedder, batch_size=8, bucketing=False)
+  got, want = bucketed(inputs), padded(inputs)
+  assert bucketed.compilations > 1 and padded.compilations == 1
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(got, reference(embedder, inputs), atol=1e-5)
+  assert np.abs(want[1:] - want[:-1]).max() > 0.1  # rows differ: a permutation would show
+
+
+def test_length_bucketing_keeps_index_rows(tmp_path, embedder):
+  """embed_corpus with and without bucketing writes the same rows in block-id order."""
+  storage = Storage.open(str(tmp_path / "root"))
+  with open(tmp_path / "docs.jsonl", "w") as f:  # articles of 1 to 5 sentences: blocks of many lengths
+    for i in range(12):
+      text = " ".join(f"Sentence {j} of article {i} is about {_WORDS[(i + j) % 11]}." for j in range(1 + 3 * i % 5))
+      f.write(json.dumps({"title": f"Article {i}", "text": text}) + "\n")
+  build_corpus([str(tmp_path / "docs.jsonl")], storage, "corpus", block_len=BLOCK_LEN, shard_blocks=5)
+  corpus = CorpusReader(storage, "corpus")
+  feats = blocks_doc_inputs(list(corpus.iter_blocks()), BLOCK_LEN, corpus.tokenizer())
+  assert len(set(used_lengths(feats["attention_mask"]).tolist())) > 2  # blocks of several lengths
+  sets = [embed_corpus(corpus, make_embed_fn(embedder, batch_size=8, bucketing=b), storage, f"b{b}",
+                       block_len=BLOCK_LEN, progress=False).load(storage) for b in (True, False)]
+  np.testing.assert_allclose(sets[0], sets[1], atol=1e-5)
+  np.testing.assert_allclose(sets[0], reference(embedder, feats), atol=1e-5)
 
 
 def test_embed_fn_sees_updated_weights(embedder):
@@ -182,3 +239,10 @@ def test_embed_corpus_bfloat16(tmp_path, embed_fn):
   assert storage.stat(bf16.paths[0]).size < 0.6 * storage.stat(f32.paths[0]).size
   # bfloat16 keeps 8 mantissa bits: values of magnitude <= ~4 round by <= 4 * 2^-8 ~ 1.6e-2.
   np.testing.assert_allclose(bf16.load(storage), f32.load(storage), atol=2e-2)
+
+
+def test_rows_per_step():
+  assert rows_per_step(64, 288, 1, 512) == 1 and rows_per_step(64, 144, 1, 512) == 2
+  assert rows_per_step(64, 16, 1, 512) == 32 and rows_per_step(64, 16, 8, 512) == 64
+  assert rows_per_step(16, 32, 8, 20) == 8  # one row a device, even over the budget
+  assert rows_per_step(64, 288, 1, None) == 64 and rows_per_step(12, 8, 8, 16) == 12  # uneven: one step

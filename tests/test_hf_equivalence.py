@@ -21,6 +21,7 @@ from realm_jax.models import (
   marginal_log_likelihood,
   relevance_scores,
 )
+from realm_jax.models.bert import set_fused_attention
 from realm_jax.models.reader import correct_spans, openqa_losses, predict_span
 
 VOCAB = 512
@@ -61,11 +62,13 @@ def _t(*xs):
   return [torch.from_numpy(x) for x in xs]
 
 
-def test_embedder_matches_hf():
+@pytest.mark.parametrize("fused", [False, True])  # written-out attention, jax.nn.dot_product_attention
+def test_embedder_matches_hf(fused):
   hf = _perturb(transformers.RealmEmbedder(_hf_config()), 0)
   ours = RetrieverEmbedder(CFG, rngs=nnx.Rngs(0))
   hfconv.load_state_dict(ours, _sd(hf), hfconv.embedder_rules(), skip=hfconv.SKIP_EMBEDDER, source="RealmEmbedder")
   ours.eval()
+  set_fused_attention(ours, fused)
   ids, mask, tt = _inputs(np.random.default_rng(0), 3, 24)
   with torch.no_grad():
     want = hf(*_t(ids, mask, tt)).projected_score.numpy()
@@ -144,11 +147,13 @@ def test_per_span_marginal_is_the_joint_over_span_tokens():
   assert abs(float(token_loss) - float(loss)) > 1e-3  # the two forms really differ
 
 
-def test_reader_matches_hf():
+@pytest.mark.parametrize("fused", [False, True])
+def test_reader_matches_hf(fused):
   hf = _perturb(transformers.RealmReader(_hf_config()), 4)
   ours = SpanReader(CFG, rngs=nnx.Rngs(0))
   hfconv.load_state_dict(ours, _sd(hf), hfconv.reader_rules(), skip=hfconv.SKIP_READER, source="RealmReader")
   ours.eval()
+  set_fused_attention(ours, fused)
   rng = np.random.default_rng(4)
   r, n = CFG.reader_beam_size, 40
   ids, mask, tt = _inputs(rng, r, n)

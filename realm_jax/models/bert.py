@@ -57,7 +57,12 @@ class BertEmbeddings(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-  """Multi-head self-attention with the output projection (residual and norm live in the layer)."""
+  """Multi-head self-attention with the output projection (residual and norm live in the layer).
+
+  Without attention dropout (eval, or rate 0) on an accelerator it goes through
+  `jax.nn.dot_product_attention` (cuDNN / TPU kernels). On XLA:CPU that function ran slower than
+  the written-out einsum + softmax in same-run comparisons, so CPU keeps the latter; `fused`
+  (True / False, None = by backend) forces either, e.g. to check both against HF on CPU."""
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     h = cfg.hidden_size
@@ -68,12 +73,19 @@ class SelfAttention(nnx.Module):
     self.output = _dense(cfg, h, h, rngs)
     self.dropout_rate = cfg.dropout_rate
     self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.fused: bool | None = None
 
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
     b, n, h = x.shape
     def split(t):
       return t.reshape(b, n, self.num_heads, h // self.num_heads)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    fused = jax.default_backend() != "cpu" if self.fused is None else self.fused
+    if fused and (self.dropout.deterministic or self.dropout_rate == 0.0):
+      # Masked keys get a large negative logit: probabilities exactly 0, as BERT's additive mask.
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=attention_mask[:, None, None, :] > 0)
+      return self.output(ctx.reshape(b, n, h))
+    # Written out (CPU, or attention dropout in training, which dot_product_attention lacks).
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // self.num_heads).astype(q.dtype)
     # Additive mask in float32, as BERT: padded keys get the most negative finite value.
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
@@ -101,8 +113,25 @@ class BertLayer(nnx.Module):
     return self.output_norm(x + self.dropout(y))
 
 
+def set_fused_attention(model: nnx.Module, fused: bool | None) -> None:
+  """Sets `SelfAttention.fused` on every attention layer of `model` (None: by backend)."""
+  for _, m in model.iter_modules():
+    if isinstance(m, SelfAttention):
+      m.fused = fused
+
+
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _call_layer(layer: "BertLayer", x: jax.Array, mask: jax.Array) -> jax.Array:
+  return layer(x, mask)
+
+
 class BertEncoder(nnx.Module):
-  """BERT: embeddings, `num_layers` post-LN layers and (optionally) the tanh pooler over [CLS]."""
+  """BERT: embeddings, `num_layers` post-LN layers and (optionally) the tanh pooler over [CLS].
+
+  `config.remat` wraps each layer in `nnx.remat` (full, or saving batch-free matmul outputs) in
+  training mode; in eval mode (embedding, answering) layers are called plainly."""
 
   def __init__(self, cfg: BertConfig, *, pooler: bool = True, rngs: nnx.Rngs):
     self.config = cfg
@@ -115,8 +144,12 @@ class BertEncoder(nnx.Module):
     """Inputs `[..., L]` int32. Returns (sequence output `[..., L, H]`, pooled `[..., H]` or None)."""
     lead, (ids, mask, types) = flatten_leading(input_ids, attention_mask, token_type_ids)
     x = self.embeddings(ids, types)
+    remat = self.config.remat
     for layer in self.layers:
-      x = layer(x, mask)
+      if remat == "none" or self.embeddings.dropout.deterministic:  # eval: no backward to save for
+        x = layer(x, mask)
+      else:
+        x = nnx.remat(_call_layer, policy=_REMAT_POLICIES[remat])(layer, x, mask)
     pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
     x = x.reshape(*lead, *x.shape[-2:])
     if pooled is not None:

@@ -48,7 +48,7 @@ class Answerer:
 
     def top_spans(state, batch, corpus, ids=None):
       m = nnx.merge(graphdef, state)
-      _, ids, logits = retrieve(m, batch, corpus, r, ids)
+      _, ids, logits = retrieve(m, batch, corpus, r, ids=ids)
       out = read(m, batch, corpus, ids, logits)
       flat = out["logits"].reshape(out["logits"].shape[0], -1)
       scores, best = jax.lax.top_k(flat, min(candidates, flat.shape[-1]))

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from realm_jax.config import RealmConfig
 from realm_jax.data import qa
 from realm_jax.data.qa import QAExample
+from realm_jax.models.microbatch import step_tokens_for
 from realm_jax.openqa import features, loading
 from realm_jax.openqa.step import predict, searcher_ids
 
@@ -59,19 +60,22 @@ class Summary:
             "questions_per_second": self.questions_per_second}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _predict(graphdef, beam: int, state, batch, corpus, ids=None):
-  return predict(nnx.merge(graphdef, state), batch, corpus, beam, ids=ids)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _predict(graphdef, beam: int, step_tokens: int | None, devices: int, state, batch, corpus, ids=None):
+  return predict(nnx.merge(graphdef, state), batch, corpus, beam, step_tokens=step_tokens, devices=devices,
+                 ids=ids)
 
 
 class Evaluator:
-  """Answers questions in batches sharded over the mesh `data` axis, against a frozen index. With a
-  `searcher` (the index version's ScaNN searcher), the blocks are retrieved on the host by it
-  instead of by exact MIPS on the mesh; reading is the same."""
+  """Answers questions in batches sharded over the mesh `data` axis, against a frozen index.
+  Inside a batch the towers run over micro-batches of at most `step_tokens` tokens a device
+  ("auto": 512 on CPU, where that is faster, the whole batch on accelerators). With a `searcher`
+  (the index version's ScaNN searcher), the blocks are retrieved on the host by it instead of by
+  exact MIPS on the mesh; reading is the same."""
 
   def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings,
                mesh: jax.sharding.Mesh, batch_size: int = 64, recall_ks: Sequence[int] = RECALL_KS,
-               searcher=None):
+               searcher=None, step_tokens: int | None | str = "auto"):
     self.model, self.cfg, self.tables, self.mesh = model, cfg, tables, mesh
     self.searcher = searcher
     data = mesh.shape["data"]
@@ -83,6 +87,7 @@ class Evaluator:
     self.beam = min(max(max(self.recall_ks, default=1), cfg.reader_beam_size), n)
     self.corpus = loading.reader_corpus(tables, embeddings, cfg, mesh)
     self.sharding = NamedSharding(mesh, P("data"))
+    self.step_tokens = step_tokens_for(mesh) if step_tokens == "auto" else step_tokens
     model.eval()
     self._graphdef, _ = nnx.split(model)
 
@@ -98,7 +103,8 @@ class Evaluator:
       ids = None
       if self.searcher is not None:
         ids = jax.device_put(searcher_ids(self._graphdef, state, batch, self.searcher, self.beam), self.sharding)
-      outs.append((len(chunk), _predict(self._graphdef, self.beam, state, batch, self.corpus, ids)))
+      outs.append((len(chunk), _predict(self._graphdef, self.beam, self.step_tokens, self.mesh.shape["data"],
+                                        state, batch, self.corpus, ids)))
     if not outs:
       return {}
     keys = outs[0][1].keys()

@@ -28,7 +28,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from realm_jax.models.reader import openqa_losses, predict_span
+from realm_jax.models.microbatch import map_rows, rows_per_step
+from realm_jax.models.reader import openqa_losses, predict_span, span_candidates
 from realm_jax.retrieval import mips
 from realm_jax.train.device_corpus import gather_rows
 
@@ -123,11 +124,16 @@ def correct_reader_spans(match: jax.Array, answers: jax.Array, starts: jax.Array
 
 
 def retrieve(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, beam: int,
-             ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+             step_tokens: int | None = None, devices: int = 1, ids: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(query embeddings `[Q, D]`, block ids `[Q, beam]` (-1 past the corpus), logits `[Q, beam]`
-  as q . e with the gradient to q). `ids` `[Q, beam]` found elsewhere (`searcher_ids`) replace the
-  on-device search; their logits are computed here all the same."""
-  q_emb = model.retriever.embed_queries(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  as q . e with the gradient to q). `step_tokens`: the query tower runs over micro-batches of at
+  most that many tokens a device (inference on CPU, `models/microbatch.py`). `ids` `[Q, beam]`
+  found elsewhere (`searcher_ids`) replace the on-device search; their logits are computed here
+  all the same."""
+  inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  rows = rows_per_step(inputs[0].shape[0], inputs[0].shape[-1], devices, step_tokens)
+  q_emb = map_rows(model.retriever.embed_queries, inputs, rows)
   if ids is None:
     ids = mips.search(jax.lax.stop_gradient(q_emb), corpus.embeddings, beam).ids
   emb = gather_rows(corpus.embeddings, ids)  # [Q, beam, D], frozen
@@ -151,14 +157,18 @@ def searcher_ids(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.
 
 
 def read(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, read_ids: jax.Array,
-         read_logits: jax.Array) -> dict[str, jax.Array]:
-  """Span logits of the read blocks (`[Q, R, S]`, retriever logit added) and their inputs."""
+         read_logits: jax.Array, step_tokens: int | None = None, devices: int = 1) -> dict[str, jax.Array]:
+  """Span logits of the read blocks (`[Q, R, S]`, retriever logit added) and their inputs.
+  `step_tokens`: the reader runs over micro-batches of questions (inference on CPU)."""
   cfg = model.config
   bodies = gather_rows(corpus.bodies, read_ids)  # [Q, R, Lb]
   inputs = reader_inputs(batch["input_ids"], batch["attention_mask"], bodies, cfg.reader_len, corpus.pad_id,
                          corpus.sep_id)
-  logits, starts, ends = model.reader(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
-                                      inputs["block_mask"])
+  x = tuple(inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids", "block_mask"))
+  rows = rows_per_step(x[0].shape[0], x[0].shape[1] * x[0].shape[2], devices, step_tokens)
+  starts, ends = span_candidates(cfg.reader_len, cfg.max_span_width)
+  logits = map_rows(lambda *t: model.reader(*t)[0], x, rows)
+  starts, ends = jnp.asarray(starts), jnp.asarray(ends)
   logits = logits + read_logits[..., None]
   logits = jnp.where((read_ids >= 0)[..., None], logits, jnp.finfo(jnp.float32).min)
   return {"logits": logits, "starts": starts, "ends": ends, "bodies": bodies, **inputs}
@@ -220,13 +230,15 @@ def _span_index(pred: dict[str, jax.Array], out: dict[str, jax.Array]) -> jax.Ar
 
 
 def predict(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, beam: int,
-            with_logits: bool = False, ids: jax.Array | None = None) -> dict[str, jax.Array]:
+            with_logits: bool = False, step_tokens: int | None = None, devices: int = 1,
+            ids: jax.Array | None = None) -> dict[str, jax.Array]:
   """Answers of a batch: retrieved ids/scores `[Q, beam]`, the best (block, span) of the top
-  `reader_beam_size`, as body token indices (`start`, `end`) of block `block_id`. `ids`: the
-  blocks retrieved on the host (`searcher_ids`) instead of on the mesh."""
+  `reader_beam_size`, as body token indices (`start`, `end`) of block `block_id`. `step_tokens`
+  and `devices` (the batch's shards): towers over micro-batches, see `read`. `ids`: the blocks
+  retrieved on the host (`searcher_ids`) instead of on the mesh."""
   r = model.config.reader_beam_size
-  _, ids, logits = retrieve(model, batch, corpus, beam, ids)
-  out = read(model, batch, corpus, ids[:, :r], logits[:, :r])
+  _, ids, logits = retrieve(model, batch, corpus, beam, step_tokens, devices, ids=ids)
+  out = read(model, batch, corpus, ids[:, :r], logits[:, :r], step_tokens, devices)
   pred = predict_span(out["logits"], out["starts"], out["ends"])
   block_id = jnp.take_along_axis(ids, pred["block"][:, None], axis=1)[:, 0]
   offset = out["offset"]

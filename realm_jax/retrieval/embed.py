@@ -30,6 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from realm_jax.data.features import SpecialIds, blocks_doc_inputs
 from realm_jax.errors import RealmError
+from realm_jax.models.microbatch import map_rows, rows_per_step, step_tokens_for
 from realm_jax.storage import ObjectExists
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -59,19 +60,53 @@ def auto_mesh(mesh: Mesh) -> Mesh:
   return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
+def bucket_lengths(max_len: int) -> tuple[int, ...]:
+  """The padded lengths rows are cut to: 16, 32, 64, 128, then steps of 64, and `max_len`."""
+  ladder = [16, 32, 64, *range(128, max_len, 64)]
+  return tuple(b for b in ladder if b < max_len) + (max_len,)
+
+
+def used_lengths(attention_mask: np.ndarray) -> np.ndarray:
+  """Per row, one past the last position the attention mask keeps. An all-padding row attends to
+  every position alike, so it keeps its full length."""
+  mask = np.asarray(attention_mask) != 0
+  return np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), mask.shape[1])
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, buckets: tuple[int, ...]
+                   ) -> list[tuple[np.ndarray, int]]:
+  """Rows sorted by length, cut into batches of `batch_size` rows; each batch with the smallest
+  bucket length that holds its longest row. Returns (row indices, padded length) per batch."""
+  order = np.argsort(lengths, kind="stable")
+  out = []
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    longest = int(lengths[rows].max())
+    out.append((rows, next(b for b in buckets if b >= longest)))
+  return out
+
+
 class EmbedFn:
   """Host callable: dict of int32 `[n, L]` numpy arrays -> float32 `[n, D]` numpy embeddings.
 
-  Batches of a fixed shape (the last one padded by repeating its final row) go through one jit
-  compilation per sequence length, sharded over every mesh axis, with the parameters replicated.
+  Length bucketing: rows are sorted by how many positions their attention mask uses, cut into
+  batches, and each batch is cut to the smallest of a few padded lengths (`bucket_lengths`) that
+  holds its longest row; outputs come back in the input order. The positions cut off are padding
+  that the attention mask hides from every kept position, so the embeddings equal those of the
+  fully padded rows up to float32 rounding. `bucketing=False` keeps every row at `L`.
+  Batches of a fixed number of rows (the last one padded by repeating its final row) go through one
+  jit compilation per padded length, sharded over every mesh axis, with the parameters replicated.
   The embedder's current parameters are read at each call, so a trainer can keep one EmbedFn
   while its weights change; dropout is off (an eval-mode view; the module itself is untouched).
+  Inside a batch the tower runs over micro-batches of at most `step_tokens` tokens a device
+  (`models/microbatch.py`; "auto": 512 on CPU, the whole batch on accelerators).
   Each device's rows stay on it and the host reads them (no collective in the program: with
   replicated outputs, XLA:CPU's in-process all-gather of 4 CPU devices deadlocked in one process
   embedding 1M blocks, dispatch running ahead of a 2-core thread pool).
   """
 
-  def __init__(self, embedder: nnx.Module, mesh: Mesh | None = None, batch_size: int = 256):
+  def __init__(self, embedder: nnx.Module, mesh: Mesh | None = None, batch_size: int = 256,
+               bucketing: bool = True, step_tokens: int | None | str = "auto"):
     self.embedder = embedder
     self.mesh = auto_mesh(mesh) if mesh is not None else default_mesh()
     self.num_devices = math.prod(self.mesh.shape.values())
@@ -81,13 +116,17 @@ class EmbedFn:
     self.batch_size = -(-batch_size // self.num_devices) * self.num_devices
     self.batch_sharding = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
     self.replicated = NamedSharding(self.mesh, P())
+    self.bucketing = bucketing
+    self.step_tokens = step_tokens_for(self.mesh) if step_tokens == "auto" else step_tokens
     self.compilations = 0
     self.dim: int | None = None
 
     def forward(graphdef, state, input_ids, attention_mask, token_type_ids):
       self.compilations += 1  # runs once per trace, i.e. per compilation
       model = nnx.merge(graphdef, state)
-      return model(input_ids, attention_mask, token_type_ids).astype(jnp.float32)
+      rows = rows_per_step(input_ids.shape[0], input_ids.shape[1], self.num_devices, self.step_tokens)
+      out = map_rows(model, (input_ids, attention_mask, token_type_ids), rows)
+      return out.astype(jnp.float32)
 
     self._forward = jax.jit(forward, static_argnums=0,
                             in_shardings=(self.replicated,) + (self.batch_sharding,) * 3,
@@ -110,11 +149,15 @@ class EmbedFn:
     n, length = self._check(inputs)
     graphdef, state = self._split()
     arrays = [np.asarray(inputs[k], np.int32) for k in INPUT_KEYS]
+    if self.bucketing:
+      batches = length_batches(used_lengths(arrays[1]), self.batch_size, bucket_lengths(length))
+    else:
+      batches = [(np.arange(s, min(s + self.batch_size, n)), length) for s in range(0, n, self.batch_size)]
     outputs = []
-    for start in range(0, n, self.batch_size):  # dispatch is async: the host runs ahead
-      batch = [a[start:start + self.batch_size] for a in arrays]
-      if len(batch[0]) < self.batch_size:
-        pad = ((0, self.batch_size - len(batch[0])), (0, 0))
+    for rows, padded in batches:  # dispatch is async: the host runs ahead
+      batch = [a[rows, :padded] for a in arrays]
+      if len(rows) < self.batch_size:
+        pad = ((0, self.batch_size - len(rows)), (0, 0))
         batch = [np.pad(b, pad, mode="edge") for b in batch]
       batch = [jax.make_array_from_callback(b.shape, self.batch_sharding, lambda idx, b=b: b[idx])
                for b in batch]
@@ -125,14 +168,17 @@ class EmbedFn:
         self.dim = int(jax.eval_shape(lambda s, a, b, c: nnx.merge(graphdef, s)(a, b, c),
                                       state, spec, spec, spec).shape[-1])
       return np.zeros((0, self.dim), np.float32)
-    out = np.concatenate([np.asarray(o) for o in outputs])[:n]
+    out = np.empty((n, outputs[0].shape[-1]), np.float32)
+    for (rows, _), o in zip(batches, outputs):  # back in the input order
+      out[rows] = np.asarray(o)[:len(rows)]
     self.dim = int(out.shape[-1])
     return out
 
 
-def make_embed_fn(embedder: nnx.Module, mesh: Mesh | None = None, batch_size: int = 256) -> EmbedFn:
+def make_embed_fn(embedder: nnx.Module, mesh: Mesh | None = None, batch_size: int = 256,
+                  bucketing: bool = True, step_tokens: int | None | str = "auto") -> EmbedFn:
   """A jit-compiled, mesh-sharded host function embedding `[n, L]` token inputs (see EmbedFn)."""
-  return EmbedFn(embedder, mesh, batch_size)
+  return EmbedFn(embedder, mesh, batch_size, bucketing, step_tokens)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,8 +21,9 @@ The transformer activation count follows what autodiff keeps per layer and token
 Korthikanti et al. 2022, "Reducing Activation Recomputation", adapted to our layers: see
 `bert_activation_bytes`). `remat=True` gives what per-layer rematerialisation (`nnx.remat` around
 each BertLayer) would keep instead: each layer's input, plus one layer's full activations for the
-largest tower pass while it is recomputed. Our model code does not rematerialise today, so
-`remat=False` is the estimate of the current trainer.
+largest tower pass while it is recomputed. `model.bert.remat` ("full", "dots") does this in the
+model; `estimate` still defaults to `remat=False`, because XLA:CPU's compiled step keeps about
+the same temporaries with it (benchmarks/README.md) and no accelerator has confirmed the savings.
 """
 
 from __future__ import annotations
