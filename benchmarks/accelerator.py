@@ -123,7 +123,7 @@ def bench_memory(cfg, batch: int, index_blocks: int) -> dict:
   rng = np.random.default_rng(0)
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
   doc, body, b, sp = make_inputs(cfg, batch, index_blocks, rng)
-  corpus = device_corpus.place_corpus(doc, body, mesh, sp)
+  corpus = device_corpus.place_host_rows(doc.astype(np.uint16), mesh, sp)
   index = mips.shard_rows(rng.normal(size=(index_blocks, cfg.retriever_dim)).astype(np.float32), mesh)
   model = RealmModel(cfg, rngs=nnx.Rngs(0))
   model.train()

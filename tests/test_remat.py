@@ -34,7 +34,7 @@ def _loss_and_grads(remat: str, dtype: str = "float32"):
   rng = np.random.default_rng(0)
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
   doc, body, batch, sp = make_inputs(cfg, 2, 64, rng)
-  corpus = device_corpus.place_corpus(doc, body, mesh, sp)
+  corpus = device_corpus.place_host_rows(doc.astype(np.uint16), mesh, sp)
   index = mips.shard_rows(rng.normal(size=(64, cfg.retriever_dim)).astype(np.float32), mesh)
   model = RealmModel(cfg, rngs=nnx.Rngs(0))
   model.train()  # dropout on: remat must replay the same random streams
