@@ -39,7 +39,7 @@ def prepare_workdir(workdir: pathlib.Path, fresh: bool) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
   help_text = "Run the whole REALM loop on real Wikipedia text on this machine"
-  p = sub.add_parser("demo", help=help_text, description=help_text + " (about 10 minutes on 2 CPU cores; "
+  p = sub.add_parser("demo", help=help_text, description=help_text + " (meant to take under 15 minutes on 2 CPU cores; "
                      "every stage is cached, so running it again resumes where it stopped).")
   p.add_argument("--workdir", default=None,
                  help="where the run lives (storage roots, logs, summary); default: "
