@@ -48,8 +48,10 @@ def lead(doc: documents.Document, chars: int) -> documents.Document:
 
 def fingerprint(weights_dir: str) -> str:
   """sha256 of every file of a weights directory (names and bytes): which start a run loaded."""
-  h = hashlib.sha256()
   root = pathlib.Path(weights_dir)
+  if not root.is_dir():  # a named init ("minilm"): the name says which weights
+    return weights_dir
+  h = hashlib.sha256()
   for p in sorted(root.rglob("*")):
     if p.is_file():
       h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
