@@ -71,6 +71,8 @@ def fmt(v, kind: str) -> str:
 def fmt_mean(vals: list[float], kind: str) -> str:
   if not vals:
     return "-"
+  if len(vals) == 1:  # no spread from one run
+    return fmt(vals[0], kind)
   mean = float(np.mean(vals))
   std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
   if kind == "pct":
@@ -89,7 +91,7 @@ def table(summaries: list[dict]) -> str:
     have = [v for v in vals if v is not None]
     lines.append(f"| {label} | {fmt_mean(have, kind)} | " + " | ".join(fmt(v, kind) for v in vals) + " |")
   deltas = [field(s, "delta") for s in summaries]
-  notes = [f"{len(summaries)} runs; percentages are of the "
+  notes = [f"{len(summaries)} run{'s' if len(summaries) > 1 else ''}; percentages are of the "
            f"{summaries[0]['questions']['answerable']} answerable questions (recall) or the "
            f"{summaries[0]['questions']['test']} held-out questions (Open-QA); ± is the sample standard deviation."]
   if all(d is not None for d in deltas) and len(deltas) > 1:
