@@ -7,7 +7,9 @@ Open-QA fine-tuning -> evaluation. `report.py` turns the results into the table 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
 import shutil
 import time
@@ -28,6 +30,7 @@ from realm_jax.storage import Storage
 from realm_jax.train.metrics import read_metrics
 
 RECALL_K = 5
+RECALL_KS = (1, RECALL_K, 20)
 
 
 class DemoError(RealmError):
@@ -43,6 +46,18 @@ def lead(doc: documents.Document, chars: int) -> documents.Document:
   return documents.Document(doc.title, text[:cut + 1] if cut > 0 else text)
 
 
+def fingerprint(weights_dir: str) -> str:
+  """sha256 of every file of a weights directory (names and bytes): which start a run loaded."""
+  root = pathlib.Path(weights_dir)
+  if not root.is_dir():  # a named init ("minilm"): the name says which weights
+    return weights_dir
+  h = hashlib.sha256()
+  for p in sorted(root.rglob("*")):
+    if p.is_file():
+      h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+  return h.hexdigest()[:16]
+
+
 class Demo:
   """Runs the stages in order; each stage's result is a JSON file under `<workdir>/state/`."""
 
@@ -56,12 +71,13 @@ class Demo:
 
   def _check_recipe(self) -> None:
     path = self.workdir / "recipe.json"
-    mine = {"name": self.recipe.name, "model": self.recipe.model.to_dict()}
+    mine = {"name": self.recipe.name, "model": self.recipe.model.to_dict(), "seed": self.recipe.seed}
     if path.exists():
       theirs = json.loads(path.read_text())
       if theirs != mine:
-        raise DemoError(f"{self.workdir} holds a demo run with the {theirs.get('name')!r} recipe; use another "
-                        f"--workdir (or delete it) for the {self.recipe.name!r} recipe")
+        raise DemoError(f"{self.workdir} holds a demo run with the {theirs.get('name')!r} recipe and seed "
+                        f"{theirs.get('seed', 0)}; use another --workdir (or delete it) for the "
+                        f"{self.recipe.name!r} recipe with seed {self.recipe.seed}")
     else:
       path.write_text(json.dumps(mine, indent=1) + "\n")
 
@@ -72,10 +88,13 @@ class Demo:
       result = json.loads(path.read_text())
       self.ui.cached(name, result)
       return result
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), os.times()
     self.ui.begin(name)
     result = fn()
+    c1 = os.times()
     result["seconds"] = time.perf_counter() - t0
+    # user + system CPU time of this process and of the children it waited for (the refresher)
+    result["cpu_seconds"] = sum(c1[:4]) - sum(c0[:4])
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(path)  # a stage is done only once its result is written whole
@@ -87,9 +106,14 @@ class Demo:
     results["sources"] = self.stage("sources", self.fetch_sources)
     results["corpus"] = self.stage("corpus", self.build_corpus)
     results["questions"] = self.stage("questions", self.pick_questions)
+    results["references"] = self.stage("references", self.references)
     if self.recipe.ict_steps:
       results["ict"] = self.stage("ict", self.ict)
+    if self.recipe.reading_steps:
+      results["reading"] = self.stage("reading", self.reading)
     results["pretrain"] = self.stage("pretrain", self.pretrain)
+    if self.recipe.control:
+      results["control"] = self.stage("control", self.control)
     results["openqa_index"] = self.stage("openqa_index", self.openqa_index)
     results["recall"] = self.stage("recall", self.recall_curve)
     results["finetune"] = self.stage("finetune", self.finetune)
@@ -145,6 +169,20 @@ class Demo:
                    for d in map(json.loads, f))
     return out
 
+  def references(self) -> dict:
+    """recall@k of BM25 and of the full 6-layer MiniLM sentence embedder on the same blocks and
+    questions (`references.py`)."""
+    from realm_jax.demo import references
+
+    reader, blocks = self._blocks()
+    examples = self.questions()
+    out = {"bm25": references.bm25_recall(blocks, examples, ks=RECALL_KS)}
+    if self.recipe.init == "minilm":
+      m = self.recipe.model
+      out["minilm"] = references.minilm_recall(blocks, examples, reader.tokenizer(), m.block_len, m.query_len,
+                                               ks=RECALL_KS)
+    return out
+
   @property
   def ict_root(self) -> str:
     return str(self.workdir / "ict")
@@ -167,7 +205,7 @@ class Demo:
     if trainer.step == 0:
       reader, blocks = self._blocks()
       probe = RecallProbe(blocks, self.questions(), reader.tokenizer(), cfg.model.block_len, cfg.model.query_len,
-                          ks=(1, RECALL_K, 20))
+                          ks=RECALL_KS)
       recall_init = {f"recall@{k}": v for k, v in probe(trainer.model.retriever).items()}
       (self.state_dir / "recall-init.json").write_text(json.dumps(recall_init) + "\n")
     else:
@@ -184,9 +222,47 @@ class Demo:
     return {"steps": result.step, "recall_init": recall_init,
             "ict_accuracy_last": float(np.mean([r["ict_accuracy"] for r in rows[-5:]])) if rows else None}
 
+  @property
+  def start_weights(self) -> str:
+    return str(self.workdir / "start-weights")
+
+  def reading(self) -> dict:
+    """The reading warm start of the knowledge-augmented encoder (`reading.py`), from the ICT
+    warm start's weights; its result is the start checkpoint of REALM and of the control."""
+    from realm_jax import weights
+    from realm_jax.demo import reading
+    from realm_jax.train.trainer import init_model
+
+    r = self.recipe
+    cfg = r.pretrain_config(init=self.ict_weights if r.ict_steps else None)
+    model = init_model(cfg, self.ui.log)
+    reader, blocks = self._blocks()
+    data = reading.ReadingData(blocks, reader.tokenizer(), r.model.block_len, r.model.query_len, cfg.max_masks,
+                               queries_per_block=r.reading_queries_per_block, held_out_every=10, seed=r.seed)
+    before = reading.reading_accuracy(model.encoder, data)
+    bar = self.ui.steps("reading warm start", r.reading_steps)
+    try:
+      losses = reading.teach_reading(model.encoder, data, steps=r.reading_steps, batch=r.reading_batch,
+                                     learning_rate=r.reading_lr, seed=r.seed, on_step=bar.update)
+    finally:
+      bar.close()
+    after = reading.reading_accuracy(model.encoder, data)
+    shutil.rmtree(self.start_weights, ignore_errors=True)
+    weights.save_weights(self.start_weights, model, cfg.model,
+                         metadata={"source": "ICT warm start + reading warm start of the encoder"})
+    return {"steps": r.reading_steps, "queries": len(data.owner), "gold_fraction": data.gold_fraction,
+            "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
+            "accuracy_before": before, "accuracy_after": after, "start": fingerprint(self.start_weights)}
+
+  def start_init(self) -> str | None:
+    """The weights REALM and the control start from."""
+    if self.recipe.reading_steps:
+      return self.start_weights
+    return self.ict_weights if self.recipe.ict_steps else None
+
   def pretrain_config(self):
-    """REALM pre-training's config: starts from the ICT warm start when the recipe has one."""
-    return self.recipe.pretrain_config(init=self.ict_weights if self.recipe.ict_steps else None)
+    """REALM pre-training's config: starts from the reading / ICT warm start when the recipe has one."""
+    return self.recipe.pretrain_config(init=self.start_init())
 
   def pretrain(self) -> dict:
     from realm_jax.train.trainer import Trainer
@@ -207,7 +283,38 @@ class Demo:
       code = refresher.wait_done(120)
     if code not in (0, None):
       raise DemoError(f"the refresher exited with status {code}; see {log_file}")
-    return {"steps": result.step, "swaps": self._swaps(self.metrics_rows("realm"))}
+    return {"steps": result.step, "swaps": self._swaps(self.metrics_rows("realm")),
+            "start": fingerprint(cfg.init) if cfg.init else None}
+
+  @property
+  def control_root(self) -> str:
+    return str(self.workdir / "control")
+
+  def control(self) -> dict:
+    """The control run: REALM's steps from the same start with the retriever's update zeroed
+    (`Recipe.control_config`), on its own storage root; its recall@k is measured at the start
+    (its bootstrap index) and at the end."""
+    from realm_jax.train.trainer import Trainer
+
+    cfg = self.recipe.control_config(init=self.start_init())
+    self._copy_corpus(self.control_root)
+    bar = self.ui.steps("control (retriever frozen)", cfg.num_train_steps)
+    trainer = Trainer(cfg, self.control_root, resume=True, log_fn=self.ui.log, on_step=bar.update)
+    reader, blocks = self._blocks()
+    probe = RecallProbe(blocks, self.questions(), reader.tokenizer(), cfg.model.block_len, cfg.model.query_len,
+                        ks=RECALL_KS)
+    first = self.state_dir / "control-recall-start.json"
+    if trainer.step == 0:
+      first.write_text(json.dumps({f"recall@{k}": v for k, v in probe(trainer.model.retriever).items()}) + "\n")
+    bar.update(trainer.step, cfg.num_train_steps)
+    try:
+      result = trainer.run()
+    finally:
+      bar.close()
+    trainer.model.eval()
+    end = {f"recall@{k}": v for k, v in probe(trainer.model.retriever).items()}
+    return {"steps": result.step, "start": fingerprint(cfg.init) if cfg.init else None,
+            "recall_start": json.loads(first.read_text()), "recall_end": end}
 
   def metrics_rows(self, name: str, root: str | None = None) -> list[dict]:
     return read_metrics(Storage.open(root or self.pretrain_root), name)
@@ -265,7 +372,7 @@ class Demo:
     reader, blocks = self._blocks()
     examples = self.questions()
     probe = RecallProbe(blocks, examples, reader.tokenizer(), cfg.model.block_len, cfg.model.query_len,
-                        ks=(1, RECALL_K, 20))
+                        ks=RECALL_KS)
     ckpt = Checkpoints(Storage.open(self.pretrain_root).uri("checkpoints"), read_only=True)
     todo = [(self.pretrain_root, v) for v in publish.list_versions(Storage.open(self.pretrain_root), index_lib.PREFIX)]
     todo += [(self.openqa_root, v) for v in publish.list_versions(Storage.open(self.openqa_root), index_lib.PREFIX)]
