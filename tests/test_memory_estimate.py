@@ -53,7 +53,7 @@ def test_parts_scale_with_mesh_and_corpus():
   assert many.params == one.params and many.optimizer == 2 * one.params
   assert many.index * 2 == pytest.approx(one.index, rel=1e-6)  # rows per device round up: 13.35M/32 vs /16
   assert one.index == -(-13_353_718 // 16) * 128 * 4
-  assert one.block_tokens == 2 * -(-13_353_718 // 16) * 288 * 4
+  assert one.block_tokens == -(-13_353_718 // 16) * 288 * 2  # one uint16 row per block (BERT's vocabulary)
   assert memory.estimate(cfg, 16, 13_353_718, index_dtype="bfloat16").index * 2 == one.index
   assert many.activations * 2 == one.activations
   assert memory.estimate(cfg, 16, 13_353_718, remat=True).activations < one.activations / 4

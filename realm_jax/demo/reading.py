@@ -47,13 +47,24 @@ class ReadingMix:
   null: float = 0.15
 
 
+def body_rows(blocks: Sequence[Block], block_len: int, specials) -> np.ndarray:
+  """int32 `[n, block_len]`: each block's `body [SEP]`, padded (the encoder's block part, as
+  `train/device_corpus.py` cuts it from the stored row on device)."""
+  body = np.full((len(blocks), block_len), specials.pad_id, np.int32)
+  for i, b in enumerate(blocks):
+    ids = np.asarray(b.body_ids[:block_len - 1], np.int32)
+    body[i, :len(ids)] = ids
+    body[i, len(ids)] = specials.sep_id
+  return body
+
+
 class ReadingData:
   """Salient-span queries of the corpus, each with the other blocks that contain its span."""
 
   def __init__(self, blocks: Sequence[Block], tok, block_len: int, query_len: int, max_masks: int,
                queries_per_block: int, held_out_every: int, seed: int):
     self.pad_id, self.sep_id = int(tok.pad_id), int(tok.sep_id)
-    _, self.bodies = device_corpus.host_token_tables(blocks, block_len, tok)
+    self.bodies = body_rows(blocks, block_len, tok)
     postings: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
     for i, body in enumerate(self.bodies):
       for pos, t in enumerate(body):

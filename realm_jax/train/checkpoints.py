@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Any
 
 import jax
@@ -89,11 +90,27 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=not read_only, read_only=read_only,
                                            temporary_path_class=sealing.sealing_path_class(self.directory))
+    for attempt in range(5):
+      try:
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        break
+      except FileNotFoundError as e:
+        # A step removed (the trainer's max_to_keep) between orbax's listing and its reading of
+        # that step: the directory is there, so look again; a missing directory is the user's.
+        if attempt == 4 or not self._listable():
+          raise CheckpointError(f"{self.directory}: cannot open the checkpoints directory "
+                                f"({e.strerror or _short(e)})") from None
+        time.sleep(0.2)
+      except OSError as e:
+        raise CheckpointError(f"{self.directory}: cannot open the checkpoints directory "
+                              f"({e.strerror or _short(e)})") from None
+
+  def _listable(self) -> bool:
+    """True if the checkpoints directory exists and lists (with at least one entry)."""
     try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options)
-    except OSError as e:
-      raise CheckpointError(f"{self.directory}: cannot open the checkpoints directory "
-                            f"({e.strerror or _short(e)})") from None
+      return bool(self.storage.listdir())
+    except Exception:  # noqa: BLE001 - any failure to list means "not there"
+      return False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
