@@ -155,8 +155,8 @@ class _SubCorpus:
     self.num_blocks, self.block_len = total, corpus.block_len
     self.num_shards = len(self.shards)
 
-  def read_shard(self, i: int):
-    return self._c.read_shard(i)
+  def read_shard(self, i: int, text: bool = True):
+    return self._c.read_shard(i, text=text)
 
   def tokenizer(self):
     return self._c.tokenizer()

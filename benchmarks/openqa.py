@@ -17,8 +17,10 @@ micro-batches (each tower over the whole batch at once), in the same alternating
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -62,20 +64,22 @@ def main() -> None:
   cfg = get_preset("tiny", query_len=32, block_len=128, reader_len=144, reader_beam_size=args.reader_beam)
   rng = np.random.default_rng(0)
   words = ["river", "castle", "painter", "harbour", "mountain", "library", "festival", "railway", "bridge", "market"]
-  with tempfile.TemporaryDirectory() as tmp:
-    docs = []
-    for i in range(args.blocks):
-      name = f"Person{i}"
-      text = " ".join(f"{name} visited the {rng.choice(words)} of town {rng.integers(1000)} in {1800 + i % 200}."
-                      for _ in range(14))
-      docs.append(json.dumps({"title": name, "text": text}) + "\n")
-    with open(os.path.join(tmp, "docs.jsonl"), "w") as f:
-      f.writelines(docs)
-    storage = Storage.open(os.path.join(tmp, "root"))
-    vocab = args.vocab or str(sources.minilm_dir() / "vocab.txt")
-    build_corpus([os.path.join(tmp, "docs.jsonl")], storage, tokenizer=f"wordpiece:{vocab}", block_len=cfg.block_len)
-    tables = loading.load_corpus(storage, "corpus", cfg)
+  tmp = tempfile.mkdtemp(prefix="realm-openqa-bench-")  # the corpus is read lazily: kept to the end
+  atexit.register(shutil.rmtree, tmp, True)
+  docs = []
+  for i in range(args.blocks):
+    name = f"Person{i}"
+    text = " ".join(f"{name} visited the {rng.choice(words)} of town {rng.integers(1000)} in {1800 + i % 200}."
+                    for _ in range(14))
+    docs.append(json.dumps({"title": name, "text": text}) + "\n")
+  with open(os.path.join(tmp, "docs.jsonl"), "w") as f:
+    f.writelines(docs)
+  storage = Storage.open(os.path.join(tmp, "root"))
+  vocab = args.vocab or str(sources.minilm_dir() / "vocab.txt")
+  build_corpus([os.path.join(tmp, "docs.jsonl")], storage, tokenizer=f"wordpiece:{vocab}", block_len=cfg.block_len)
+  tables = loading.load_corpus(storage, "corpus", cfg)
   n = tables.num_blocks
+  blocks = tables.reader.get_blocks(list(range(n)))
   embeddings = rng.normal(size=(n, cfg.retriever_dim)).astype(np.float32)
   questions = load_questions("nq-test")[:args.questions]
 
@@ -91,7 +95,7 @@ def main() -> None:
   # HF model with a retriever over the same block texts; its weights converted into ours.
   hf_cfg = transformers.RealmConfig(**hfconv.hf_config_dict(cfg), num_block_records=n, searcher_beam_size=n)
   tokenizer = transformers.BertTokenizerFast(vocab_file=vocab)
-  records = np.array([b.text.encode() for b in tables.blocks], dtype=object)
+  records = np.array([b.text.encode() for b in blocks], dtype=object)
   hf = transformers.RealmForOpenQA(hf_cfg, retriever=transformers.RealmRetriever(records, tokenizer))
   with torch.no_grad():
     hf.block_emb.copy_(torch.from_numpy(embeddings))
@@ -135,7 +139,7 @@ def main() -> None:
   ours_s, hf_s = statistics.median(ours_times), statistics.median(hf_times)
   same = 0
   for o, (block_idx, answer_ids) in zip(ours, hf_out):
-    block = tables.blocks[o["block_id"]]
+    block = blocks[o["block_id"]]
     a, b = o["span_tokens"]
     same += o["block_rank"] - 1 == block_idx and block.body_ids[a:b + 1].tolist() == answer_ids
   q = len(questions)
