@@ -68,19 +68,7 @@ import jax
 from realm_jax.storage import Storage
 from realm_jax.storage.local import LocalBackend
 
-class Counting:
-  # Storage backend wrapper: bytes read per object.
-  def __init__(self, inner):
-    self.inner, self.read_bytes = inner, {}
-  def __getattr__(self, name):
-    return getattr(self.inner, name)
-  def _count(self, key, data):
-    self.read_bytes[key] = self.read_bytes.get(key, 0) + len(data)
-    return data
-  def read(self, key, generation):
-    return self._count(key, self.inner.read(key, generation))
-  def read_range(self, key, start, length, generation):
-    return self._count(key, self.inner.read_range(key, start, length, generation))
+from tests.helpers.counting_storage import Counting
 
 backend = Counting(LocalBackend(pathlib.Path(ROOT)))
 storage = Storage(ROOT, backend)

@@ -92,18 +92,7 @@ _COUNTING = textwrap.dedent("""
     from realm_jax.train.config import load_config
     from realm_jax.train.trainer import Trainer
 
-    class Counting:
-      def __init__(self, inner):
-        self.inner, self.read_bytes = inner, {}
-      def __getattr__(self, name):
-        return getattr(self.inner, name)
-      def _count(self, key, data):
-        self.read_bytes[key] = self.read_bytes.get(key, 0) + len(data)
-        return data
-      def read(self, key, generation):
-        return self._count(key, self.inner.read(key, generation))
-      def read_range(self, key, start, length, generation):
-        return self._count(key, self.inner.read_range(key, start, length, generation))
+    from tests.helpers.counting_storage import Counting
 
     backend = Counting(LocalBackend(pathlib.Path(ROOT)))
     trainer = Trainer(load_config("smoke", OVERRIDES), Storage(ROOT, backend), log_fn=lambda m: None, stop_after=2)
