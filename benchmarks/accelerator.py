@@ -111,32 +111,12 @@ def bench_mips(rows: int, dim: int, queries: int, repeats: int) -> dict:
 def bench_memory(cfg, batch: int, index_blocks: int) -> dict:
   """XLA's per-device sizes of the compiled step against train/memory.py's estimate."""
   import jax
-  import jax.numpy as jnp
-  from flax import nnx
 
-  from benchmarks.train_step import make_inputs
-  from realm_jax.models import RealmModel
-  from realm_jax.retrieval import mips
-  from realm_jax.train import device_corpus, memory, realm_step
+  from benchmarks.train_step import step_parts
+  from realm_jax.train import memory
   from realm_jax.train.config import TrainConfig
-  from realm_jax.train.optimizer import bert_adamw
-  rng = np.random.default_rng(0)
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
-  doc, body, b, sp = make_inputs(cfg, batch, index_blocks, rng)
-  corpus = device_corpus.place_host_rows(doc.astype(np.uint16), mesh, sp)
-  index = mips.shard_rows(rng.normal(size=(index_blocks, cfg.retriever_dim)).astype(np.float32), mesh)
-  model = RealmModel(cfg, rngs=nnx.Rngs(0))
-  model.train()
-  opt = nnx.Optimizer(model, bert_adamw(1e-5), wrt=nnx.Param)
-  graphdef, state = nnx.split((model, opt))
-  b = {k: jnp.asarray(v) for k, v in b.items()}
-
-  def step(state, b):
-    model, opt = nnx.merge(graphdef, state)
-    (loss, _), grads = nnx.value_and_grad(lambda m: realm_step.realm_loss(m, b, corpus, index), has_aux=True)(model)
-    opt.update(model, grads)
-    return nnx.state((model, opt)), loss
-
+  _, state, b, _, _, step = step_parts(cfg, batch, index_blocks, np.random.default_rng(0), mesh)
   stats = jax.jit(step, donate_argnums=0).lower(state, b).compile().memory_analysis()
   tcfg = TrainConfig(model=cfg, batch_size=batch, index_refresh="none", async_checkpointing=False,
                      num_train_steps=10)

@@ -66,9 +66,9 @@ def make_inputs(cfg, batch: int, num_blocks: int, rng):
   return doc, body, batch_d, sp
 
 
-def ours_step(cfg, batch, num_blocks, rng):
-  """A zero-argument callable running one of our train steps (state carried between calls)."""
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def step_parts(cfg, batch, num_blocks, rng, mesh):
+  """What one REALM training step runs on: (graphdef, state of model + AdamW, batch, device corpus,
+  index), the state and batch replicated on `mesh`, and `step(state, batch) -> (state, loss)`."""
   doc, body, b, sp = make_inputs(cfg, batch, num_blocks, rng)
   corpus = device_corpus.place_host_rows(doc.astype(np.uint16), mesh, sp)
   index = mips.shard_rows(rng.normal(size=(num_blocks, cfg.retriever_dim)).astype(np.float32), mesh)
@@ -82,12 +82,20 @@ def ours_step(cfg, batch, num_blocks, rng):
   graphdef, state = nnx.split((model, opt))
   state = jax.device_put(state, replicated)
 
-  @jax.jit
   def step(state, b):
     model, opt = nnx.merge(graphdef, state)
     (loss, _), grads = nnx.value_and_grad(lambda m: realm_step.realm_loss(m, b, corpus, index), has_aux=True)(model)
     opt.update(model, grads)
     return nnx.state((model, opt)), loss
+
+  return graphdef, state, b, corpus, index, step
+
+
+def ours_step(cfg, batch, num_blocks, rng):
+  """A zero-argument callable running one of our train steps (state carried between calls)."""
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  graphdef, state, b, corpus, index, step = step_parts(cfg, batch, num_blocks, rng, mesh)
+  step = jax.jit(step)
 
   box = {"state": state}
 
@@ -102,15 +110,15 @@ def ours_step(cfg, batch, num_blocks, rng):
     q_emb = m.retriever.embed_queries(b["input_ids"], b["attention_mask"], b["token_type_ids"])
     ids = realm_step.retrieve_candidates(q_emb, index, b["block_id"], c, False)
     cand = jnp.concatenate([realm_step.null_document(corpus, batch), device_corpus.gather_rows(corpus.tokens, ids)], 1)
-    bodies = device_corpus.body_from_doc(cand, sp.sep_id, sp.pad_id)
-    joint = device_corpus.joint_inputs(b["input_ids"], b["attention_mask"], bodies, sp.pad_id)
+    bodies = device_corpus.body_from_doc(cand, corpus.sep_id, corpus.pad_id)
+    joint = device_corpus.joint_inputs(b["input_ids"], b["attention_mask"], bodies, corpus.pad_id)
     pos = jnp.broadcast_to(b["mlm_positions"][:, None], (batch, c, 10))
     parts = {
         "query embed": nnx.jit(lambda m: nnx.grad(lambda m: m.retriever.embed_queries(
             b["input_ids"], b["attention_mask"], b["token_type_ids"]).sum())(m)),
         "retrieval": jax.jit(lambda q: realm_step.retrieve_candidates(q, index, b["block_id"], c, False)),
         "candidate embed": nnx.jit(lambda m: nnx.grad(lambda m: m.retriever.embed_docs(
-            *device_corpus.doc_inputs_from_tokens(cand, sp.pad_id, sp.sep_id)).sum())(m)),
+            *device_corpus.doc_inputs_from_tokens(cand, corpus.pad_id, corpus.sep_id)).sum())(m)),
         "encoder": nnx.jit(lambda m: nnx.grad(lambda m: marginal_log_likelihood(
             m.encoder(*joint, mlm_positions=pos), b["mlm_targets"], b["mlm_weights"], jnp.zeros((batch, c)))[0])(m)),
     }
