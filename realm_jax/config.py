@@ -102,6 +102,9 @@ class RealmConfig:
   bert: BertConfig = BertConfig()
   retriever_dim: int = 128  # projection of the pooled [CLS] for inner-product search
   share_embedders: bool = True  # one tower for queries and documents (original default)
+  # Dropout on the retrieval embedding (after the projection's LayerNorm) in training, as the
+  # original ICT module; off in eval mode (the index, the refresher, evaluation).
+  retrieval_dropout: float = 0.1
   query_len: int = 96  # [CLS] masked sentence [SEP]
   block_len: int = 288  # [CLS] title [SEP] body [SEP]
   reader_len: int = 320  # [CLS] question [SEP] block [SEP]
@@ -119,6 +122,8 @@ class RealmConfig:
     check_positive_ints(self, ("retriever_dim", "query_len", "block_len", "reader_len", "num_candidates",
                                "span_hidden_size", "max_span_width", "reader_beam_size"))
     check_choice(self, "marginal", _MARGINALS)
+    check(0.0 <= self.retrieval_dropout < 1.0,
+          f"RealmConfig.retrieval_dropout must be in [0, 1), got {self.retrieval_dropout}")
     check(self.num_candidates >= 2,
           f"RealmConfig.num_candidates must be >= 2 (the null document plus retrieved ones), got {self.num_candidates}")
     longest = max(self.query_len + self.block_len, self.reader_len, self.block_len)
@@ -150,9 +155,11 @@ class RealmConfig:
 
   def fingerprint(self) -> str:
     """A short hash of the architecture, recorded in index manifests (`bert.remat` is left out:
-    it changes what the backward pass recomputes, not the model)."""
+    it changes what the backward pass recomputes, not the model; `retrieval_dropout` too: it acts
+    in training only, so the index's embeddings do not depend on it)."""
     d = self.to_dict()
     d["bert"].pop("remat")
+    d.pop("retrieval_dropout")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
   def replace(self, **kwargs) -> "RealmConfig":

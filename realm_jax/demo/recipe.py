@@ -92,7 +92,8 @@ def full() -> Recipe:
   return Recipe(
       name="full",
       model=get_preset("minilm", query_len=48, block_len=128, reader_len=176, num_candidates=5,
-                       reader_beam_size=5, **{"bert.num_layers": 2, "bert.dropout_rate": 0.0}),
+                       reader_beam_size=5, retrieval_dropout=0.0,
+                       **{"bert.num_layers": 2, "bert.dropout_rate": 0.0}),
       init="minilm", article_chars=4000, max_articles=None, block_len=128,
       ict_steps=60, ict_batch=32, ict_lr=5e-4,
       reading_steps=150, reading_queries_per_block=4, reading_batch=16, reading_lr=4e-4,

@@ -1,7 +1,9 @@
 """The REALM pre-training step, read top to bottom: retrieve, re-embed, read, marginalise, update.
 
 1. embed the masked query with the query tower;
-2. retrieve the top k-1 blocks from the (stale) index on the mesh, excluding the query's own block;
+2. retrieve the top k-1 blocks from the (stale) index on the mesh, excluding the query's own block,
+   with the embedding before the retrieval dropout (the original retrieves in its example
+   generator with an eval-mode embedder; the dropped-out embedding scores the candidates);
 3. prepend the null document; re-embed all k candidates with the *current* document tower, so the
    gradient reaches both towers (the stale index only chooses the candidates);
 4. run the knowledge-augmented encoder over `[CLS] query [SEP] body [SEP]` for every candidate;
@@ -52,13 +54,14 @@ def realm_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: DeviceCor
   """Loss and metrics of one REALM batch (see the module docstring)."""
   cfg = model.config
   c = cfg.num_candidates
-  q_emb = model.retriever.embed_queries(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  q_search, q_emb = model.retriever.embed_queries_both(batch["input_ids"], batch["attention_mask"],
+                                                       batch["token_type_ids"])
   b = q_emb.shape[0]
 
   if "candidate_ids" in batch:  # retrieved on the host (ScaNN in the input pipeline)
     ids = batch["candidate_ids"]
   else:
-    ids = retrieve_candidates(q_emb, index, batch["block_id"], c, approx)  # [B, C-1]
+    ids = retrieve_candidates(q_search, index, batch["block_id"], c, approx)  # [B, C-1]
   doc_tokens = jnp.concatenate([null_document(corpus, b), gather_rows(corpus.tokens, ids)], axis=1)  # [B, C, Lb]
   body_tokens = body_from_doc(doc_tokens, corpus.sep_id, corpus.pad_id)  # body [SEP] pad...
   valid = jnp.concatenate([jnp.ones((b, 1), bool), ids >= 0], axis=1)  # [B, C]

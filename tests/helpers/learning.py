@@ -105,6 +105,7 @@ def run(workdir: str | pathlib.Path, recipe: Recipe = Recipe()) -> Result:
   root = Storage.open(str(workdir / "root"))
   people = build_fact_corpora(root, n=PEOPLE, tokenizer=tok, block_len=BLOCK_LEN)
   model_cfg = get_preset("tiny", query_len=QUERY_LEN, block_len=BLOCK_LEN, num_candidates=recipe.num_candidates,
+                         retrieval_dropout=0.0,
                          **{"bert.vocab_size": 256, "bert.dropout_rate": 0.0})
   model = RealmModel(model_cfg, rngs=nnx.Rngs(recipe.seed))
   reading = {}
