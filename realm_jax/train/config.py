@@ -108,6 +108,9 @@ class TrainConfig(RunConfig):
   # Retrieval.
   retrieval: str = "device"  # exact/approx top-k on the mesh, or ScaNN on the host
   approx_top_k: bool = False  # lax.approx_max_k (TPU) instead of exact lax.top_k
+  # Skip (weigh 0) an example whose candidates hold one block text twice or a copy of its own
+  # block, as the original example generator does (`realm_step.duplicate_candidates`).
+  skip_duplicate_candidates: bool = True
   # Index freshness.
   index_refresh: str = "async"  # async: a refresher process publishes; sync: stop and re-embed
   sync_refresh_every: int = 500

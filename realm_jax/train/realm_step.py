@@ -4,6 +4,9 @@
 2. retrieve the top k-1 blocks from the (stale) index on the mesh, excluding the query's own block,
    with the embedding before the retrieval dropout (the original retrieves in its example
    generator with an eval-mode embedder; the dropped-out embedding scores the candidates);
+   An example whose candidates hold one block text twice (distinct ids, identical token rows),
+   or a copy of its own block, is skipped (its targets weigh 0), as the original example
+   generator skips such examples (`skip_duplicate_candidates`);
 3. prepend the null document; re-embed all k candidates with the *current* document tower, so the
    gradient reaches both towers (the stale index only chooses the candidates);
 4. run the knowledge-augmented encoder over `[CLS] query [SEP] body [SEP]` for every candidate;
@@ -42,6 +45,24 @@ def retrieve_candidates(query_emb: jax.Array, index: mips.RowShardedEmbeddings, 
   return found.ids
 
 
+def duplicate_candidates(tokens: jax.Array, valid: jax.Array, own: jax.Array, has_own: jax.Array) -> jax.Array:
+  """Which examples hold a duplicate among their retrieved candidates: `[B]` bool.
+
+  tokens `[B, K, L]` the retrieved blocks' token rows, valid `[B, K]` (id >= 0), own `[B, L]` the
+  query's own block row, has_own `[B]` (the own block is known). The original example generator
+  (`example_generator.generate_queries_and_candidates`) retrieves k blocks, the query's own among
+  them, and skips the example when two have the same uid (a hash of title and body: the same
+  text). Here the own block is excluded from the search by id, so a duplicate is two valid
+  candidates with identical rows, or one identical to the own block (the original would have
+  retrieved the own block next to its copy, their embeddings being equal).
+  """
+  same = jnp.all(tokens[:, :, None, :] == tokens[:, None, :, :], axis=-1)  # [B, K, K]
+  k = tokens.shape[1]
+  pair = valid[:, :, None] & valid[:, None, :] & jnp.triu(jnp.ones((k, k), bool), 1)[None]
+  copy_of_own = jnp.all(tokens == own[:, None, :], axis=-1) & valid & has_own[:, None]  # [B, K]
+  return jnp.any(same & pair, axis=(1, 2)) | jnp.any(copy_of_own, axis=1)
+
+
 def null_document(corpus: DeviceCorpus, batch: int) -> jax.Array:
   """The null document's token row `[CLS] [SEP] [SEP]` ([B, 1, block_len]; its body is `[SEP]`)."""
   doc = jnp.full((batch, 1, corpus.block_len), corpus.pad_id, jnp.int32)
@@ -49,9 +70,11 @@ def null_document(corpus: DeviceCorpus, batch: int) -> jax.Array:
 
 
 def realm_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: DeviceCorpus,
-               index: mips.RowShardedEmbeddings, per_span: bool = False, approx: bool = False
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Loss and metrics of one REALM batch (see the module docstring)."""
+               index: mips.RowShardedEmbeddings, per_span: bool = False, approx: bool = False,
+               skip_duplicates: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Loss and metrics of one REALM batch (see the module docstring). `skip_duplicates`: examples
+  with duplicate candidates (`duplicate_candidates`) contribute no loss and no metrics; the
+  metric `duplicate_skipped` is their share of the batch."""
   cfg = model.config
   c = cfg.num_candidates
   q_search, q_emb = model.retriever.embed_queries_both(batch["input_ids"], batch["attention_mask"],
@@ -62,9 +85,18 @@ def realm_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: DeviceCor
     ids = batch["candidate_ids"]
   else:
     ids = retrieve_candidates(q_search, index, batch["block_id"], c, approx)  # [B, C-1]
-  doc_tokens = jnp.concatenate([null_document(corpus, b), gather_rows(corpus.tokens, ids)], axis=1)  # [B, C, Lb]
+  retrieved = gather_rows(corpus.tokens, ids)  # [B, C-1, Lb]
+  doc_tokens = jnp.concatenate([null_document(corpus, b), retrieved], axis=1)  # [B, C, Lb]
   body_tokens = body_from_doc(doc_tokens, corpus.sep_id, corpus.pad_id)  # body [SEP] pad...
   valid = jnp.concatenate([jnp.ones((b, 1), bool), ids >= 0], axis=1)  # [B, C]
+  batch = dict(batch)
+  if skip_duplicates:
+    own_id = batch["block_id"].astype(jnp.int32)
+    own = gather_rows(corpus.tokens, own_id[:, None])[:, 0]  # [B, Lb] (zeros where unknown)
+    skipped = duplicate_candidates(retrieved, ids >= 0, own, own_id >= 0)  # [B]
+    batch["mlm_weights"] = jnp.where(skipped[:, None], 0, batch["mlm_weights"]).astype(batch["mlm_weights"].dtype)
+  else:
+    skipped = jnp.zeros((b,), bool)
 
   d_emb = model.retriever.embed_docs(*doc_inputs_from_tokens(doc_tokens, corpus.pad_id, corpus.sep_id))
   scores = jnp.where(valid, relevance_scores(q_emb, d_emb), -1e9)  # [B, C]
@@ -73,7 +105,9 @@ def realm_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: DeviceCor
   positions = jnp.broadcast_to(batch["mlm_positions"][:, None, :], (b, c, batch["mlm_positions"].shape[-1]))
   logits = model.encoder(*joint, mlm_positions=positions)  # [B, C, M, V]
   loss, aux = marginal_log_likelihood(logits, batch["mlm_targets"], batch["mlm_weights"], scores, per_span)
-  return loss, realm_metrics(logits, scores, aux, batch, ids, loss)
+  metrics = realm_metrics(logits, scores, aux, batch, ids, loss)
+  metrics["duplicate_skipped"] = skipped.astype(jnp.float32).mean()
+  return loss, metrics
 
 
 def realm_metrics(logits, scores, aux, batch, ids, loss) -> dict[str, jax.Array]:
@@ -135,7 +169,8 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
   def loss_fn(model):
     if cfg.task == "ict":
       return ict_loss(model, batch)
-    return realm_loss(model, batch, corpus, index, per_span=cfg.model.marginal == "span", approx=cfg.approx_top_k)
+    return realm_loss(model, batch, corpus, index, per_span=cfg.model.marginal == "span", approx=cfg.approx_top_k,
+                      skip_duplicates=cfg.skip_duplicate_candidates)
 
   (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   metrics["grad_norm"] = optax.tree.norm(grads)
