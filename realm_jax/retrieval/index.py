@@ -12,7 +12,8 @@ whole version (one-host tools). Any failure to load raises a `RealmError` naming
 A version holds:
   embeddings/emb-00000.npy ...   one per corpus shard, rows in block-id order; the metadata has
                                  each file's `RowFile` (row 0's offset, a CRC32C per row chunk)
-  scann/part-00000/...           a searcher per refresher process over its consecutive rows
+  scann/part-00000-0000/...      searchers over consecutive rows: each refresher process splits
+                                 its rows into partitions of <= `ScannConfig.partition_rows`
                                  (`scann_index.save_searcher`; `PartitionedSearcher` merges them)
   manifest.json                  publish's manifest; its metadata is `IndexInfo.to_metadata()`
 """
@@ -211,15 +212,22 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
     if with_scann and rows:
       from realm_jax.retrieval import scann_index
       t1 = time.perf_counter()
-      searcher = scann_index.build_searcher(np.concatenate(rows), scann_config or scann_index.ScannConfig())
-      part = {"dir": f"{SCANN_DIR}/part-{pid:05d}", "first_row": first_rows[mine.start],
-              "rows": first_rows[mine.stop] - first_rows[mine.start]}
-      with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
-        local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"), part["dir"])
-        entries.update(publish.upload(storage, prefix, version, local))
-      parts.append(part)
+      scann_config = scann_config or scann_index.ScannConfig()
+      mine_rows = np.concatenate(rows)
+      del rows
+      bounds = scann_index.partition_bounds(len(mine_rows), scann_config.partition_rows)
+      for j, (a, b) in enumerate(bounds):
+        searcher = scann_index.build_searcher(mine_rows[a:b], scann_config)
+        part = {"dir": f"{SCANN_DIR}/part-{pid:05d}-{j:04d}", "first_row": first_rows[mine.start] + a,
+                "rows": b - a}
+        with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
+          local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"), part["dir"])
+          entries.update(publish.upload(storage, prefix, version, local))
+        parts.append(part)
+        del searcher
       scann_seconds = time.perf_counter() - t1
-      log.info("index for step %d: ScaNN partition of %d rows built in %.1f s", step, part["rows"], scann_seconds)
+      log.info("index for step %d: %d ScaNN partition(s) over %d rows built in %.1f s", step, len(bounds),
+               len(mine_rows), scann_seconds)
   except FileNotFoundError as e:  # staged embeddings vanished while this process uploaded
     missing = f"{type(e).__name__}: {e}"
   mine_json = {"entries": {n: dataclasses.asdict(e) for n, e in entries.items()}, "row_files": row_files,
