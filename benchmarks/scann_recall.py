@@ -4,9 +4,10 @@ One command: `python benchmarks/scann_recall.py [--rows 1000000] [--dim 128] [--
 [--k 10] [--partitions 4]` (`--rows 100000` for a quick run). On the clustered float32 corpus and
 queries of `benchmarks/mips.py` it builds, with the default `ScannConfig`,
   (a) one searcher over all rows (`scann_index.build_searcher`);
-  (b) `--partitions` searchers over consecutive row ranges, as the refresher builds one per
-      process (`index.process_shards` over `--shards` equal corpus shards), merged at query time
-      by `scann_index.PartitionedSearcher`;
+  (b) what a `--partitions`-process refresher publishes by default: each process's consecutive
+      rows (`index.process_shards` over `--shards` equal corpus shards) split into searchers of at
+      most `ScannConfig.partition_rows` rows, all merged at query time by
+      `scann_index.PartitionedSearcher`;
 each saved and loaded back the way a published version is read, and prints build seconds,
 recall@k against an exact numpy top-k (float64 rescoring) and queries/s (best of `--repeats`
 passes, single-threaded search and with ScaNN's thread pool). The load average is printed
@@ -16,6 +17,7 @@ before and after: the machine may be shared, and queries/s only compare within o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import sys
@@ -33,10 +35,12 @@ from mips import clustered  # noqa: E402
 from realm_jax.retrieval import index as index_lib, scann_index  # noqa: E402
 
 
-def exact_top_k(db: np.ndarray, q: np.ndarray, k: int, batch: int = 128) -> np.ndarray:
-  """Exact top-k ids, best first: the top 4k by a float32 matmul (in query batches: bounded
-  memory), rescored in float64: float32 rounding only picks the 4k candidates, not their order."""
+def exact_top_k(db: np.ndarray, q: np.ndarray, k: int, batch: int | None = None) -> np.ndarray:
+  """Exact top-k ids, best first: the top 4k by a float32 matmul (in query batches of at most
+  2^26 scores: bounded memory), rescored in float64: float32 rounding only picks the 4k
+  candidates, not their order."""
   wide = min(4 * k, len(db))
+  batch = batch or max(1, min(128, (1 << 26) // len(db)))
   out = np.empty((len(q), k), np.int64)
   for s in range(0, len(q), batch):
     qb = q[s:s + batch]
@@ -93,7 +97,8 @@ def main() -> None:
   n, d, nq, k = args.rows, args.dim, args.queries, args.k
   print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
   print(f"ScaNN recall benchmark: {n:,} x {d} float32 clustered rows, {nq:,} queries, recall@{k}, "
-        f"default ScannConfig")
+        f"default ScannConfig (reorder {scann_index.ScannConfig().reorder}, partition_rows "
+        f"{scann_index.ScannConfig().partition_rows:,})")
   t0 = time.perf_counter()
   db = clustered(n, d, args.clusters, draw_seed=1)
   q = clustered(nq, d, args.clusters, draw_seed=2)
@@ -107,19 +112,23 @@ def main() -> None:
   with tempfile.TemporaryDirectory(prefix="scann-recall-") as tmp_name:
     tmp = pathlib.Path(tmp_name)
     t0 = time.perf_counter()
-    one = saved_and_loaded(scann_index.build_searcher(db, config), tmp, "one")
+    one = saved_and_loaded(scann_index.build_searcher(db, dataclasses.replace(config, partition_rows=n)), tmp, "one")
     built = time.perf_counter() - t0
     info = one.info
     results.append((f"(a) 1 searcher, {info.kind} leaves {info.num_leaves} search {info.leaves_to_search}",
                     built, scann_index.PartitionedSearcher([(one, 0)])))
     bounds = partition_bounds(n, args.shards, args.partitions)
     t0 = time.perf_counter()
-    parts = [(saved_and_loaded(scann_index.build_searcher(db[a:b], config), tmp, f"part-{i:05d}"), a)
-             for i, (a, b) in enumerate(bounds)]
+    parts = []
+    for i, (a, b) in enumerate(bounds):  # one refresher process's rows ...
+      for j, (c, d) in enumerate(scann_index.partition_bounds(b - a, config.partition_rows)):  # ... its partitions
+        parts.append((saved_and_loaded(scann_index.build_searcher(db[a + c:a + d], config), tmp,
+                                       f"part-{i:05d}-{j:04d}"), a + c))
     built = time.perf_counter() - t0
     info = parts[0][0].info
-    results.append((f"(b) {args.partitions} partitions merged, each {info.kind} leaves {info.num_leaves} "
-                    f"search {info.leaves_to_search}", built, scann_index.PartitionedSearcher(parts)))
+    results.append((f"(b) {args.partitions} processes' default partitions merged: {len(parts)} of ~{info.num_rows:,} "
+                    f"rows, each {info.kind} leaves {info.num_leaves} search {info.leaves_to_search}", built,
+                    scann_index.PartitionedSearcher(parts)))
 
     for name, built, searcher in results:
       t1, ids1 = timed_search(searcher, q, k, False, args.repeats)

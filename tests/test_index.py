@@ -65,14 +65,35 @@ def test_round_trip(storage_root, tmp_path, embedder):
   # terms is off by up to 128 * 2^-24 * 128 ~ 1e-3 depending on the kernel's summation order.
   assert_top_k(result.ids, queries, want, 5, atol=1e-3, scores=result.scores)
   staged = loaded.stage_searcher(tmp_path / "stage")
-  assert (staged / "scann" / "part-00000" / "realm_searcher.json").is_file()  # one partition per process
-  assert info.scann_parts == ({"dir": "scann/part-00000", "first_row": 0, "rows": corpus.num_blocks},)
+  assert (staged / "scann" / "part-00000-0000" / "realm_searcher.json").is_file()  # a small corpus: one partition
+  assert info.scann_parts == ({"dir": "scann/part-00000-0000", "first_row": 0, "rows": corpus.num_blocks},)
   # Any row ranges, read by byte range and checked chunk by chunk, equal the whole version's rows.
   n = corpus.num_blocks
   rows = index_lib.load_index_rows(storage, [(0, n), (1, 4), (n - 2, n)], corpus=corpus, config=CFG)
   for lo, hi in [(0, n), (1, 4), (n - 2, n), (2, 3)]:
     np.testing.assert_array_equal(rows.rows(lo, hi), loaded.embeddings[lo:hi])
   assert rows.version == loaded.version and rows.bytes_read >= n * 128 * 4
+
+
+def test_a_process_splits_its_searcher_into_partitions(tmp_path, embedder, embed_fn):
+  """`ScannConfig.partition_rows` caps each searcher's rows: a process's rows become consecutive
+  partitions, each published with its global first row, and searched as one they return the
+  exact top-k of the whole corpus (brute-force partitions at this size: exact)."""
+  from realm_jax.retrieval import scann_index
+  storage = Storage.open(str(tmp_path / "root"))
+  corpus = make_corpus(storage, tmp_path)
+  n = corpus.num_blocks
+  info = _build(storage, embedder, corpus, 1, with_scann=True, embed_fn=embed_fn,
+                scann_config=scann_index.ScannConfig(partition_rows=n // 3))
+  parts = info.scann_parts
+  assert len(parts) == 4 if n % 3 else len(parts) == 3
+  assert [p["first_row"] for p in parts] == [0] + np.cumsum([p["rows"] for p in parts])[:-1].tolist()
+  assert sum(p["rows"] for p in parts) == n and max(p["rows"] for p in parts) <= n // 3
+  assert len({p["dir"] for p in parts}) == len(parts)
+  want = _expected(embedder, corpus)
+  queries = want[::5] + 0.01
+  result = index_lib.load_index(storage, corpus=corpus, config=CFG).load_searcher().search(queries, 5)
+  assert_top_k(result.ids, queries, want, 5, atol=1e-3, scores=result.scores)
 
 
 def test_versions_retention_and_conflict(tmp_path, embedder, embed_fn):

@@ -232,6 +232,40 @@ def test_evaluate_and_ask_retrieve_with_scann_on_the_host(trained, corpus_dir, t
   assert asked["scann"] == asked["device"] and asked["scann"].startswith("1. ")
 
 
+def test_scann_answering_reads_no_embedding_file(trained, monkeypatch):
+  """With `--retrieval scann` the index's embeddings stay in storage: the searcher (which keeps
+  what it needs) retrieves on the host, so no embedding file is read and none is on the mesh;
+  with `--retrieval device` every embedding file is read. Counted by a byte-counting wrapper
+  around the real local backend of every storage root opened."""
+  from realm_jax.openqa.evaluate import Evaluator
+  from realm_jax.openqa.loading import load_for_answering
+  from realm_jax.retrieval import index as index_lib
+  from tests.helpers.counting_storage import Counting
+
+  opened = []
+  real_open = Storage.open.__func__
+
+  def counting_open(cls, uri):
+    storage = real_open(cls, uri)
+    storage.backend = Counting(storage.backend)
+    opened.append(storage.backend)
+    return storage
+
+  monkeypatch.setattr(Storage, "open", classmethod(counting_open))
+  read = {}
+  for mode in ("device", "scann"):
+    opened.clear()
+    setup = load_for_answering(trained, retrieval=mode)
+    evaluator = Evaluator(setup.finetuned.model, setup.finetuned.config, setup.tables, setup.index, setup.mesh,
+                          batch_size=4, searcher=setup.searcher)
+    assert (evaluator.corpus.embeddings is None) == (setup.searcher is not None) == (mode == "scann")
+    assert len(evaluator.answer(load_questions("nq-test")[:4])) == 4
+    read[mode] = {k: v for b in opened for k, v in b.read_bytes.items()}
+  emb = [k for k in read["device"] if f"/{index_lib.EMB_DIR}/" in k]
+  assert emb and sum(read["device"][k] for k in emb) >= setup.tables.num_blocks * 128 * 4
+  assert not [k for k in read["scann"] if f"/{index_lib.EMB_DIR}/" in k], read["scann"]
+
+
 def test_scann_retrieval_refuses_a_version_without_a_searcher(trained, tmp_path, capsys):
   import shutil
 

@@ -11,7 +11,7 @@ from flax import nnx
 from realm_jax.config import RealmConfig
 from realm_jax.data.qa import QAExample, normalize_answer
 from realm_jax.openqa import features, loading
-from realm_jax.openqa.step import read, retrieve, searcher_ids
+from realm_jax.openqa.step import read, retrieve, searcher_hits
 
 
 @dataclasses.dataclass
@@ -39,16 +39,16 @@ class Answerer:
     if tables.num_blocks < cfg.reader_beam_size:
       raise loading.OpenQALoadError(f"the corpus has {tables.num_blocks} blocks, fewer than reader_beam_size "
                                     f"{cfg.reader_beam_size}")
-    self.corpus = loading.reader_corpus(tables, embeddings, cfg, mesh)
+    self.corpus = loading.reader_corpus(tables, None if searcher is not None else embeddings, cfg, mesh)
     self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     model.eval()
     graphdef, _ = nnx.split(model)
     self._graphdef = graphdef
     r = cfg.reader_beam_size
 
-    def top_spans(state, batch, corpus, ids=None):
+    def top_spans(state, batch, corpus, ids=None, scores=None):
       m = nnx.merge(graphdef, state)
-      _, ids, logits = retrieve(m, batch, corpus, r, ids=ids)
+      _, ids, logits = retrieve(m, batch, corpus, r, ids=ids, scores=scores)
       out = read(m, batch, corpus, ids, logits)
       flat = out["logits"].reshape(out["logits"].shape[0], -1)
       scores, best = jax.lax.top_k(flat, min(candidates, flat.shape[-1]))
@@ -65,11 +65,11 @@ class Answerer:
     host = features.encode_questions([example], self.tables.tok, self.cfg.query_len, with_answers=False)
     batch = {k: jax.device_put(v, self.replicated) for k, v in host.items()}
     state = jax.device_put(nnx.state(self.model), self.replicated)
-    ids = None
+    hits = (None, None)
     if self.searcher is not None:
-      ids = jax.device_put(searcher_ids(self._graphdef, state, batch, self.searcher, self.cfg.reader_beam_size),
-                           self.replicated)
-    raw = jax.device_get(self._top(state, batch, self.corpus, ids))
+      hits = jax.device_put(searcher_hits(self._graphdef, state, batch, self.searcher, self.cfg.reader_beam_size),
+                            self.replicated)
+    raw = jax.device_get(self._top(state, batch, self.corpus, *hits))
     answers, seen = [], set()
     for j in range(raw["score"].shape[1]):
       rank = int(raw["block"][0, j])

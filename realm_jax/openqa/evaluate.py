@@ -22,7 +22,7 @@ from realm_jax.data import qa
 from realm_jax.data.qa import QAExample
 from realm_jax.models.microbatch import step_tokens_for
 from realm_jax.openqa import features, loading
-from realm_jax.openqa.step import predict, searcher_ids
+from realm_jax.openqa.step import predict, searcher_hits
 
 RECALL_KS = (1, 5, 20, 100)
 
@@ -61,9 +61,10 @@ class Summary:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _predict(graphdef, beam: int, step_tokens: int | None, devices: int, state, batch, corpus, ids=None):
+def _predict(graphdef, beam: int, step_tokens: int | None, devices: int, state, batch, corpus, ids=None,
+             scores=None):
   return predict(nnx.merge(graphdef, state), batch, corpus, beam, step_tokens=step_tokens, devices=devices,
-                 ids=ids)
+                 ids=ids, scores=scores)
 
 
 class Evaluator:
@@ -71,7 +72,8 @@ class Evaluator:
   Inside a batch the towers run over micro-batches of at most `step_tokens` tokens a device
   ("auto": 512 on CPU, where that is faster, the whole batch on accelerators). With a `searcher`
   (the index version's ScaNN searcher), the blocks are retrieved on the host by it instead of by
-  exact MIPS on the mesh; reading is the same."""
+  exact MIPS on the mesh, and the index's embeddings are not placed on the mesh (`embeddings` may
+  be None); reading is the same."""
 
   def __init__(self, model: nnx.Module, cfg: RealmConfig, tables: loading.CorpusTables, embeddings,
                mesh: jax.sharding.Mesh, batch_size: int = 64, recall_ks: Sequence[int] = RECALL_KS,
@@ -85,7 +87,7 @@ class Evaluator:
       raise loading.OpenQALoadError(f"the corpus has {n} blocks, fewer than reader_beam_size {cfg.reader_beam_size}")
     self.recall_ks = tuple(recall_ks)
     self.beam = min(max(max(self.recall_ks, default=1), cfg.reader_beam_size), n)
-    self.corpus = loading.reader_corpus(tables, embeddings, cfg, mesh)
+    self.corpus = loading.reader_corpus(tables, None if searcher is not None else embeddings, cfg, mesh)
     self.sharding = NamedSharding(mesh, P("data"))
     self.step_tokens = step_tokens_for(mesh) if step_tokens == "auto" else step_tokens
     model.eval()
@@ -100,11 +102,11 @@ class Evaluator:
       host = features.encode_questions(chunk, self.tables.tok, self.cfg.query_len, with_answers=False)
       host = features.pad_batch(host, self.batch_size)
       batch = {k: jax.device_put(v, self.sharding) for k, v in host.items()}
-      ids = None
+      hits = (None, None)
       if self.searcher is not None:
-        ids = jax.device_put(searcher_ids(self._graphdef, state, batch, self.searcher, self.beam), self.sharding)
+        hits = jax.device_put(searcher_hits(self._graphdef, state, batch, self.searcher, self.beam), self.sharding)
       outs.append((len(chunk), _predict(self._graphdef, self.beam, self.step_tokens, self.mesh.shape["data"],
-                                        state, batch, self.corpus, ids)))
+                                        state, batch, self.corpus, *hits)))
     if not outs:
       return {}
     keys = outs[0][1].keys()

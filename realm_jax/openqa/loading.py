@@ -207,10 +207,13 @@ def host_bodies(doc: np.ndarray, sep_id: int, pad_id: int) -> np.ndarray:
 
 
 def reader_corpus(tables: CorpusTables, index, cfg: RealmConfig, mesh) -> ReaderCorpus:
-  """Places the frozen embeddings (an index's rows read for `mesh`, or a host matrix) and the body
-  tokens on the mesh; each process reads only its devices' token rows."""
+  """Places the frozen embeddings (an index's rows read for `mesh`, or a host matrix; None when
+  the blocks are retrieved on the host by ScaNN) and the body tokens on the mesh; each process
+  reads only its devices' token rows."""
   tok, reader = tables.tok, tables.reader
-  if hasattr(index, "to_mesh"):
+  if index is None:
+    embeddings = None
+  elif hasattr(index, "to_mesh"):
     embeddings = index.to_mesh(mesh)
   else:
     embeddings = mips.shard_rows(np.asarray(index, np.float32), mesh)
@@ -228,7 +231,8 @@ class AnsweringSetup:
 
   finetuned: Finetuned
   tables: CorpusTables
-  index: index_lib.IndexRows  # this process's rows (all of them: answering is one process)
+  index: index_lib.IndexRows  # this process's rows (all of them: answering is one process; none
+  # with ScaNN, which searches on the host and reads no embedding file)
   mesh: object
   searcher: object = None  # the version's ScaNN searcher (`retrieval="scann"`), else None
 
@@ -238,8 +242,9 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
                        role: str = "evaluate", retrieval: str = "device") -> AnsweringSetup:
   """Model (checkpoint or weights), corpus and the index it was fine-tuned with (or `index_version`,
   or LATEST), all checked against each other. Answering runs as one process (`role` names it in
-  the error on a multi-host machine). `retrieval="scann"` also loads the version's ScaNN searcher
-  (its partitions searched as one), refused for a version published without one."""
+  the error on a multi-host machine). `retrieval="scann"` loads the version's ScaNN searcher (its
+  partitions searched as one; refused for a version published without one) instead of the
+  embedding rows: nothing of the index is placed on the mesh."""
   if retrieval not in ("device", "scann"):
     raise OpenQALoadError(f"retrieval must be 'device' or 'scann', got {retrieval!r}")
   parallel.initialize_distributed(role, multi_process=False)
@@ -252,7 +257,10 @@ def load_for_answering(storage_uri: str, step: int | None = None, weights_uri: s
     raise OpenQALoadError(f"{storage.uri(index_lib.PREFIX)}: no index published; fine-tune there first or "
                           "publish one with `realm-jax refresh`")
   mesh = parallel.make_mesh()
-  loaded = load_index_rows(storage, version, tables, mesh)
+  if retrieval == "scann":
+    loaded = index_lib.load_index_rows(storage, [], version, corpus=tables.reader)  # its info, no rows
+  else:
+    loaded = load_index_rows(storage, version, tables, mesh)
   if loaded.info.dim != finetuned.config.retriever_dim:
     raise OpenQALoadError(f"index {loaded.version} has {loaded.info.dim}-d embeddings, the model retrieves with "
                           f"{finetuned.config.retriever_dim}-d queries")

@@ -2,10 +2,10 @@
 
 Read top to bottom:
 1. embed the questions with the query tower (trained);
-2. retrieve the top `beam` blocks from the frozen index (exact MIPS on the mesh, no gradient; or
-   ids found on the host by the index version's ScaNN searcher, `searcher_ids`); their retriever
-   logits are recomputed as q . e from the gathered (frozen) embeddings, so the gradient reaches
-   the query tower;
+2. retrieve the top `beam` blocks from the frozen index (exact MIPS on the mesh, no gradient);
+   their retriever logits are recomputed as q . e from the gathered (frozen) embeddings, so the
+   gradient reaches the query tower. Answering may instead take the ids and scores that the index
+   version's ScaNN searcher found on the host (`searcher_hits`; no embeddings on the mesh);
 3. look the answers' token ids up in every retrieved block (on device): a block "has the answer"
    when an answer's tokens occur as a whole-word run in its body;
 4. read the top `reader_beam_size` blocks: `[CLS] question [SEP] body [SEP]` built on device, span
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 class ReaderCorpus:
   """What the step needs of the corpus, on the mesh: frozen embeddings and body tokens by row."""
 
-  embeddings: mips.RowShardedEmbeddings  # float32 [N, D], the published index
+  embeddings: mips.RowShardedEmbeddings | None  # float32 [N, D], the published index (None: ScaNN on the host)
   bodies: mips.RowShardedEmbeddings  # int32 [N, Lb] body ids, pad_id after the body
   continuation: jax.Array  # bool [V] word-continuation token ids (replicated)
   pad_id: int = dataclasses.field(metadata=dict(static=True))
@@ -50,7 +50,7 @@ class ReaderCorpus:
 
   @property
   def num_blocks(self) -> int:
-    return self.embeddings.num_rows
+    return self.bodies.num_rows
 
 
 def place_reader_corpus(embeddings: np.ndarray, bodies: np.ndarray, continuation: np.ndarray, mesh: Mesh,
@@ -124,16 +124,19 @@ def correct_reader_spans(match: jax.Array, answers: jax.Array, starts: jax.Array
 
 
 def retrieve(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, beam: int,
-             step_tokens: int | None = None, devices: int = 1, ids: jax.Array | None = None
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+             step_tokens: int | None = None, devices: int = 1, ids: jax.Array | None = None,
+             scores: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(query embeddings `[Q, D]`, block ids `[Q, beam]` (-1 past the corpus), logits `[Q, beam]`
   as q . e with the gradient to q). `step_tokens`: the query tower runs over micro-batches of at
   most that many tokens a device (inference on CPU, `models/microbatch.py`). `ids` `[Q, beam]`
-  found elsewhere (`searcher_ids`) replace the on-device search; their logits are computed here
-  all the same."""
+  found elsewhere replace the on-device search; their logits are computed here from the gathered
+  embeddings, unless their `scores` `[Q, beam]` come too (`searcher_hits`: inference without the
+  embeddings on the mesh; no gradient reaches the query tower then)."""
   inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
   rows = rows_per_step(inputs[0].shape[0], inputs[0].shape[-1], devices, step_tokens)
   q_emb = map_rows(model.retriever.embed_queries, inputs, rows)
+  if scores is not None:
+    return q_emb, ids, jnp.where(ids >= 0, scores, -1e9)
   if ids is None:
     ids = mips.search(jax.lax.stop_gradient(q_emb), corpus.embeddings, beam).ids
   emb = gather_rows(corpus.embeddings, ids)  # [Q, beam, D], frozen
@@ -147,13 +150,15 @@ def _query_embeddings(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str,
                                                              batch["token_type_ids"])
 
 
-def searcher_ids(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], searcher, beam: int
-                 ) -> np.ndarray:
+def searcher_hits(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], searcher, beam: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
   """Host-side retrieval (`--retrieval scann`): the questions' embeddings from the query tower
   (jitted), then `searcher.search` (a `scann_index.PartitionedSearcher`) on the host. int32 ids
-  `[Q, beam]`, best first, -1 where the corpus has no more rows: the `ids` of `retrieve`."""
+  `[Q, beam]`, best first, -1 where the corpus has no more rows, and their float32 inner products
+  (ScaNN rescores its candidates exactly): the `ids` and `scores` of `retrieve`."""
   q = np.asarray(jax.device_get(_query_embeddings(graphdef, state, batch)), np.float32)
-  return np.asarray(searcher.search(q, beam).ids, np.int32)
+  found = searcher.search(q, beam)
+  return np.asarray(found.ids, np.int32), np.asarray(found.scores, np.float32)
 
 
 def read(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, read_ids: jax.Array,
@@ -231,13 +236,13 @@ def _span_index(pred: dict[str, jax.Array], out: dict[str, jax.Array]) -> jax.Ar
 
 def predict(model: nnx.Module, batch: dict[str, jax.Array], corpus: ReaderCorpus, beam: int,
             with_logits: bool = False, step_tokens: int | None = None, devices: int = 1,
-            ids: jax.Array | None = None) -> dict[str, jax.Array]:
+            ids: jax.Array | None = None, scores: jax.Array | None = None) -> dict[str, jax.Array]:
   """Answers of a batch: retrieved ids/scores `[Q, beam]`, the best (block, span) of the top
   `reader_beam_size`, as body token indices (`start`, `end`) of block `block_id`. `step_tokens`
   and `devices` (the batch's shards): towers over micro-batches, see `read`. `ids`: the blocks
-  retrieved on the host (`searcher_ids`) instead of on the mesh."""
+  and `scores` retrieved on the host (`searcher_hits`) instead of on the mesh."""
   r = model.config.reader_beam_size
-  _, ids, logits = retrieve(model, batch, corpus, beam, step_tokens, devices, ids=ids)
+  _, ids, logits = retrieve(model, batch, corpus, beam, step_tokens, devices, ids=ids, scores=scores)
   out = read(model, batch, corpus, ids[:, :r], logits[:, :r], step_tokens, devices)
   pred = predict_span(out["logits"], out["starts"], out["ends"])
   block_id = jnp.take_along_axis(ids, pred["block"][:, None], axis=1)[:, 0]

@@ -12,7 +12,8 @@ whole version (one-host tools). Any failure to load raises a `RealmError` naming
 A version holds:
   embeddings/emb-00000.npy ...   one per corpus shard, rows in block-id order; the metadata has
                                  each file's `RowFile` (row 0's offset, a CRC32C per row chunk)
-  scann/part-00000/...           a searcher per refresher process over its consecutive rows
+  scann/part-00000-0000/...      searchers over consecutive rows: each refresher process splits
+                                 its rows into partitions of <= `ScannConfig.partition_rows`
                                  (`scann_index.save_searcher`; `PartitionedSearcher` merges them)
   manifest.json                  publish's manifest; its metadata is `IndexInfo.to_metadata()`
 """
@@ -200,26 +201,44 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
   first_rows = [0] + np.cumsum([int(s["num_blocks"]) for s in corpus.shards]).tolist()
   entries, row_files, parts, scann_seconds = {}, {}, [], 0.0
   try:
-    rows = []
+    # The searcher partitions are built as the shards stream by: a process holds at most one
+    # partition's rows (plus one shard) in memory, not its whole share.
+    from realm_jax.retrieval import scann_index
+    scann_config = scann_config or scann_index.ScannConfig()
+    mine_rows = sum(emb.rows[i] for i in mine)
+    bounds = scann_index.partition_bounds(mine_rows, scann_config.partition_rows) if with_scann and mine_rows else []
+    pending, held, done = [], 0, 0  # parsed rows not yet in a partition; how many; rows before them
+
+    def build_ready(final: bool) -> None:
+      nonlocal pending, held, done, scann_seconds
+      while len(parts) < len(bounds) and (final or bounds[len(parts)][1] <= done + held):
+        a, b = bounds[len(parts)]
+        t1 = time.perf_counter()
+        block = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        searcher = scann_index.build_searcher(block[:b - a], scann_config)
+        part = {"dir": f"{SCANN_DIR}/part-{pid:05d}-{len(parts):04d}", "first_row": first_rows[mine.start] + a,
+                "rows": b - a}
+        with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
+          local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"), part["dir"])
+          entries.update(publish.upload(storage, prefix, version, local))
+        parts.append(part)
+        pending, held, done = ([block[b - a:]] if held > b - a else []), held - (b - a), b
+        scann_seconds += time.perf_counter() - t1
+        log.info("index for step %d: ScaNN partition %d/%d (%d rows) built in %.1f s", step, len(parts),
+                 len(bounds), part["rows"], time.perf_counter() - t1)
+
     for i in mine:
       name = f"{EMB_DIR}/{embed_lib.shard_name(i)}"
       data = storage.read_bytes(emb.paths[i])
       row_files[name] = RowFile.describe(name, data, emb.rows[i]).to_json()
       entries.update(publish.upload(storage, prefix, version, {name: data}))
-      if with_scann:
-        rows.append(embed_lib.parse_embedding_shard(data, storage.uri(emb.paths[i]), emb.rows[i], emb.dim, dtype))
-    if with_scann and rows:
-      from realm_jax.retrieval import scann_index
-      t1 = time.perf_counter()
-      searcher = scann_index.build_searcher(np.concatenate(rows), scann_config or scann_index.ScannConfig())
-      part = {"dir": f"{SCANN_DIR}/part-{pid:05d}", "first_row": first_rows[mine.start],
-              "rows": first_rows[mine.stop] - first_rows[mine.start]}
-      with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
-        local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"), part["dir"])
-        entries.update(publish.upload(storage, prefix, version, local))
-      parts.append(part)
-      scann_seconds = time.perf_counter() - t1
-      log.info("index for step %d: ScaNN partition of %d rows built in %.1f s", step, part["rows"], scann_seconds)
+      if bounds:
+        pending.append(embed_lib.parse_embedding_shard(data, storage.uri(emb.paths[i]), emb.rows[i], emb.dim, dtype))
+        held += emb.rows[i]
+        del data
+        build_ready(final=False)
+    if bounds:
+      build_ready(final=True)
   except FileNotFoundError as e:  # staged embeddings vanished while this process uploaded
     missing = f"{type(e).__name__}: {e}"
   mine_json = {"entries": {n: dataclasses.asdict(e) for n, e in entries.items()}, "row_files": row_files,
