@@ -12,8 +12,8 @@ the index stays the one built at step 0.
 Each arm trains the same number of epochs with the real `Finetuner`:
 - `orqa`: batch 1 at `--learning-rate` for `--epochs` epochs, warmup BERT's
   min(10000, max(100, steps / 10)) (ORQA's `orqa_model.py`);
-- `batch B, <scaling>`: batch B, steps / B, warmup / B, learning rate x1 (`none`, today's batch-64
-  paper configs before this comparison), x sqrt(B) (`sqrt`) or x B (`linear`).
+- `batch B, <scaling>`: batch B, steps / B, warmup / B, learning rate x1 (`none`), x sqrt(B)
+  (`sqrt`) or x B (`linear`).
 It prints one row per (arm, seed): held-out exact match and recall@1 after fine-tuning, training
 exact match and the last logged loss; then the mean and spread per arm. Accuracy only: the time
 of a run depends on the machine's load.

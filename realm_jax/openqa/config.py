@@ -55,7 +55,7 @@ LR_SCALINGS = ("none", "sqrt", "linear")
 
 
 def orqa_schedule(num_train_questions: int, *, epochs: int = ORQA_EPOCHS, learning_rate: float = ORQA_LEARNING_RATE,
-                  batch_size: int = 1, lr_scaling: str = "sqrt") -> dict:
+                  batch_size: int = 1, lr_scaling: str = "none") -> dict:
   """`batch_size`, `learning_rate`, `num_train_steps` and `warmup_steps` for `epochs` epochs over
   `num_train_questions`. Batch 1 is ORQA's schedule exactly; a larger batch takes 1/batch_size of
   its steps and of its warmup, and the rate x1 (`none`), x sqrt(batch_size) (`sqrt`) or
