@@ -10,7 +10,9 @@ MiniLM-L6, the span head is fresh; the index is built once from the initial towe
 
 The untrained query tower ranks X's travel note first for 1 question in 8 to 10; fine-tuning
 moves the query tower (only it can change retrieval against the fixed index) and recall@1 of the
-biography rises to ~1 (two seeds: 0.875 -> 0.969, 0.906 -> 1.0).
+biography rises to ~1 (two seeds: 0.875 -> 0.969, 0.906 -> 1.0). With the query tower's gradient
+cut (`stop_gradient` on the question embedding) the tower moves only by weight decay (2e-5) and
+recall stays at 0.875: the test fails.
 The reader learns to answer with a city of the biography (exact match 0 -> 0.5), but in these
 80 steps it does not learn to tell birth from burial: 0.5 is what a reader that ignores the
 question reaches here (a 40-step run of a "died" variant with the question hidden from the
