@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from realm_jax import layout
 from realm_jax.config import RealmConfig, check, get_preset
 from realm_jax.train import config as train_config
+from realm_jax.train.optimizer import bert_warmup_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,34 @@ class FinetuneConfig(train_config.RunConfig):
     check(self.retriever_beam_size >= self.model.reader_beam_size,
           f"retriever_beam_size ({self.retriever_beam_size}) must be >= model.reader_beam_size "
           f"({self.model.reader_beam_size}): the reader reads the top of the retrieved beam")
+
+
+# ORQA's fine-tuning schedule (`language/orqa`: `orqa_model.py`, `orqa_experiment.py`, README): one
+# question per step (the input pipeline does not batch), lr 1e-5, 20 epochs of the training set
+# (the README's WebQuestions run: `num_train_steps = 3417 * 20`), BERT's AdamW with warmup
+# min(10000, max(100, steps / 10)) and linear decay.
+ORQA_LEARNING_RATE = 1e-5
+ORQA_EPOCHS = 20
+# Training-set sizes of ORQA's resplit (its README): NaturalQuestions-Open, WebQuestions, CuratedTrec.
+ORQA_TRAIN_QUESTIONS = {"nq": 79_168, "wq": 3_417, "ct": 1_353}
+LR_SCALINGS = ("none", "sqrt", "linear")
+
+
+def orqa_schedule(num_train_questions: int, *, epochs: int = ORQA_EPOCHS, learning_rate: float = ORQA_LEARNING_RATE,
+                  batch_size: int = 1, lr_scaling: str = "none") -> dict:
+  """`batch_size`, `learning_rate`, `num_train_steps` and `warmup_steps` for `epochs` epochs over
+  `num_train_questions`. Batch 1 is ORQA's schedule exactly; a larger batch takes 1/batch_size of
+  its steps and of its warmup, and the rate x1 (`none`), x sqrt(batch_size) (`sqrt`) or
+  x batch_size (`linear`); `benchmarks/openqa_schedule.py` compares them on a small task."""
+  check(num_train_questions > 0 and epochs > 0 and batch_size > 0,
+        f"orqa_schedule needs positive num_train_questions ({num_train_questions}), epochs ({epochs}) and "
+        f"batch_size ({batch_size})")
+  check(lr_scaling in LR_SCALINGS, f"lr_scaling must be one of {LR_SCALINGS}, got {lr_scaling!r}")
+  steps_one = num_train_questions * epochs
+  factor = {"none": 1.0, "sqrt": math.sqrt(batch_size), "linear": float(batch_size)}[lr_scaling]
+  return {"batch_size": batch_size, "learning_rate": learning_rate * factor,
+          "num_train_steps": math.ceil(steps_one / batch_size),
+          "warmup_steps": max(1, math.ceil(bert_warmup_steps(steps_one) / batch_size))}
 
 
 def apply_overrides(cfg: FinetuneConfig, overrides: list[str]) -> FinetuneConfig:
