@@ -1,7 +1,7 @@
 """REALM's learning test recipe over seeds x float environments: does it learn in every cell?
 
 One command: `python benchmarks/learning.py [--seeds 0 1 2] [--isas default AVX2] [--learning-rates ...]
-[--json OUT]`.
+[--recipe JSON] [--json OUT]`.
 Each cell is the recipe of `tests/test_realm_learning.py` (`tests/helpers/learning.py`: 48
 invented people, an encoder taught to read on 300 others, REALM with the real Trainer from a
 random retriever) in a fresh process, with `XLA_FLAGS=--xla_cpu_max_isa=<isa>` for every ISA but
@@ -27,18 +27,20 @@ from tests.helpers import learning
 r = learning.run(tempfile.mkdtemp(prefix="realm-learning-"), learning.Recipe(**json.loads(sys.argv[1])))
 print("CELL " + json.dumps({"reading": r.reading, "recall_before": r.recall_before, "recall_after": r.recall_after,
                             "utility_last10": r.utility_last10, "mlm_accuracy_last10": r.mlm_accuracy_last10,
-                            "seconds": r.seconds}))
+                            "seconds": r.seconds, "extras": r.extras, "line": r.line()}))
 """
 
 
-def run_cell(seed: int, isa: str, learning_rate: float | None) -> dict:
+def run_cell(seed: int, isa: str, learning_rate: float | None, overrides: dict | None = None) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
   env.pop("XLA_FLAGS", None)
   if isa != "default":
     env["XLA_FLAGS"] = f"--xla_cpu_max_isa={isa}"
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-  recipe = {"seed": seed} if learning_rate is None else {"seed": seed, "learning_rate": learning_rate}
+  recipe = {**(overrides or {}), "seed": seed}
+  if learning_rate is not None:
+    recipe["learning_rate"] = learning_rate
   proc = subprocess.run([sys.executable, "-c", _CELL, json.dumps(recipe)], cwd=repo, env=env, capture_output=True,
                         text=True)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("CELL ")]
@@ -54,6 +56,9 @@ def main() -> None:
                  help="float environments: default, or an --xla_cpu_max_isa value (AVX2, AVX, SSE4_2)")
   p.add_argument("--learning-rates", type=float, nargs="+", default=[None],
                  help="REALM learning rates to try (default: the recipe's); e.g. 1.5e-4 4.5e-4 for the margin")
+  p.add_argument("--recipe", default="{}",
+                 help='JSON of Recipe fields to change, e.g. \'{"share_towers": false, "ict_steps": 20}\' (the test\'s '
+                      "thresholds below are the first recipe's)")
   p.add_argument("--json", help="also write the rows here")
   args = p.parse_args()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,12 +74,12 @@ def main() -> None:
   default_lr = learning.Recipe().learning_rate
   cells = [(lr, isa, seed) for lr in args.learning_rates for isa in args.isas for seed in args.seeds]
   for lr, isa, seed in cells:
-    r = run_cell(seed, isa, lr)
+    r = run_cell(seed, isa, lr, json.loads(args.recipe))
     rows.append(r)
     rd = r["reading"]
     print(f"{lr or default_lr:>7.1e} {seed:>4} {isa:>8} | {rd['own']:.2f} / {rd['other']:.2f} / {rd['null']:.2f}   | "
           f"{r['recall_before']:>14.3f} {r['recall_after']:>5.3f} | {r['utility_last10']:>+15.3f} | "
-          f"{r['mlm_accuracy_last10']:>15.2f} | {r['seconds']:>4.0f}", flush=True)
+          f"{r['mlm_accuracy_last10']:>15.2f} | {r['seconds']:>4.0f} | {json.dumps(r['extras'])}", flush=True)
   util = [r["utility_last10"] for r in rows]
   end = [r["recall_after"] for r in rows]
   own = [r["reading"]["own"] for r in rows]

@@ -40,3 +40,20 @@ def test_retrieval_utility_is_the_marginal_over_the_null_document_per_token():
   np.testing.assert_allclose(float(got["retrieval_utility"]), want_token, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(float(got["top1_utility"]), want_top1, atol=1e-5, rtol=1e-5)
   assert abs(want_token - want_top1) > 1e-2  # the two metrics really differ on this batch
+
+
+def test_own_block_counts_the_queries_that_retrieved_the_block_they_were_made_from():
+  """`own_block_known`: queries whose source block is in the retrieval corpus (`block_id` >= 0);
+  `own_block_retrieved`: those among them whose candidates hold that block (0 while the
+  exclusion works). -1 candidates (too few blocks) and -1 block ids never match each other."""
+  b, c, m, v = 4, 3, 1, 7
+  logits = jnp.zeros((b, c, m, v))
+  scores = jnp.zeros((b, c))
+  targets, weights = jnp.zeros((b, m), jnp.int32), jnp.ones((b, m))
+  _, aux = marginal_log_likelihood(logits, targets, weights, scores)
+  ids = jnp.asarray([[5, 9], [2, 3], [-1, -1], [7, 1]], jnp.int32)
+  batch = {"mlm_weights": weights, "mlm_targets": targets, "block_id": jnp.asarray([9, 4, -1, 1], jnp.int32)}
+  got = realm_metrics(logits, scores, aux, batch, ids, jnp.float32(0))
+  assert float(got["own_block_known"]) == 3 and float(got["own_block_retrieved"]) == 2
+  no_ids = realm_metrics(logits, scores, aux, {"mlm_weights": weights, "mlm_targets": targets}, ids, jnp.float32(0))
+  assert float(no_ids["own_block_known"]) == 0 and float(no_ids["own_block_retrieved"]) == 0

@@ -112,7 +112,10 @@ def realm_loss(model: nnx.Module, batch: dict[str, jax.Array], corpus: DeviceCor
 
 def realm_metrics(logits, scores, aux, batch, ids, loss) -> dict[str, jax.Array]:
   """MLM accuracy of the marginal prediction, retrieval utility vs the null document, p(z|x)
-  entropy, and recall of a known gold block where the batch names one (`gold_block_id` >= 0).
+  entropy, recall of a known gold block where the batch names one (`gold_block_id` >= 0), and
+  how many queries came from the retrieval corpus (`own_block_known`: `block_id` >= 0) and how
+  many of those retrieved their own block anyway (`own_block_retrieved`, 0 while the exclusion
+  works).
 
   `retrieval_utility` is the original REALM code's: per masked token, the marginal log-likelihood
   log sum_z p(z|x) p(y|z,x) minus the log-likelihood given the null document alone, averaged over
@@ -132,6 +135,8 @@ def realm_metrics(logits, scores, aux, batch, ids, loss) -> dict[str, jax.Array]
   gold = batch.get("gold_block_id", jnp.full(ids.shape[:1], -1, jnp.int32))
   has_gold = (gold >= 0).astype(jnp.float32)
   hit = jnp.any(ids == gold[:, None], axis=-1).astype(jnp.float32) * has_gold
+  own = batch.get("block_id", jnp.full(ids.shape[:1], -1, jnp.int32))
+  own_hit = jnp.any((ids == own[:, None]) & (own[:, None] >= 0), axis=-1)
   n = jnp.maximum(has_target.sum(), 1.0)
   return {
       "loss": loss,
@@ -142,6 +147,8 @@ def realm_metrics(logits, scores, aux, batch, ids, loss) -> dict[str, jax.Array]
       "null_doc_prob": (jnp.exp(log_p_z[:, 0]) * has_target).sum() / n,
       "gold_recall": hit.sum() / jnp.maximum(has_gold.sum(), 1.0),
       "gold_count": has_gold.sum(),
+      "own_block_known": (own >= 0).astype(jnp.float32).sum(),
+      "own_block_retrieved": own_hit.astype(jnp.float32).sum(),
   }
 
 

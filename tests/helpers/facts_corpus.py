@@ -88,29 +88,55 @@ def small_tokenizer():
 
 def build_fact_corpora(storage, n: int = 48, seed: int = 0, block_len: int = 32, tokenizer="minilm",
                        first_name: int = 0, knowledge_prefix: str = "corpus",
-                       query_prefix: str = "queries") -> list[dict]:
+                       query_prefix: str = "queries", city_words: int = 1, queries_in_knowledge: bool = False,
+                       distractors: list[dict] = ()) -> list[dict]:
   """Builds two corpora under `storage`: `knowledge_prefix` holds one block per invented person
   ("X was born in CITY. X worked as a JOB."), `query_prefix` one block per person and query
   template, whose only salient span is the city ("The hometown of X is CITY."). Cities are
   distinct up to len(ONE_PIECE_CITIES) people (then drawn with repeats); either way a person's
   city is stated only in that person's block.
   `tokenizer`: "minilm", "small" (`small_tokenizer()`) or a Tokenizer; `first_name`: where in the
-  seeded name order the people start (disjoint ranges give disjoint people). Returns the people
-  (`name`, `city`, `job`, `block_id` of the fact, `query_block_ids`)."""
+  seeded name order the people start (disjoint ranges give disjoint people).
+  `city_words` > 1: each hometown is that many one-piece cities ("Paris Lima"), distinct per person
+  here, so the masked span is several tokens. `queries_in_knowledge`: the knowledge corpus also
+  holds the query sentences (after the facts), with the cities as its only salient spans, so queries
+  can be drawn from the corpus they retrieve from. `distractors`: people (as returned by another
+  call) whose fact blocks follow in the knowledge corpus, except those sharing a hometown with one
+  of these people. Returns the people (`name`, `city`, `job`, `block_id` of the fact,
+  `query_block_ids` in the query corpus, `knowledge_query_block_ids` in the knowledge corpus when
+  `queries_in_knowledge`)."""
   from realm_jax.data.corpus import build_corpus
   from realm_jax.data.documents import Document
 
   tok = small_tokenizer() if tokenizer == "small" else tokenizer
   rng = np.random.default_rng(seed)
   names = invented_names(first_name + n)[first_name:]
-  cities = [str(c) for c in (rng.permutation(ONE_PIECE_CITIES)[:n] if n <= len(ONE_PIECE_CITIES)
-                              else rng.choice(ONE_PIECE_CITIES, size=n))]
+  if city_words == 1:
+    cities = [str(c) for c in (rng.permutation(ONE_PIECE_CITIES)[:n] if n <= len(ONE_PIECE_CITIES)
+                                else rng.choice(ONE_PIECE_CITIES, size=n))]
+  else:
+    cities = []
+    while len(cities) < n:  # distinct hometowns, each of distinct cities
+      c = " ".join(rng.choice(ONE_PIECE_CITIES, size=city_words, replace=False))
+      if c not in cities:
+        cities.append(c)
   jobs = [str(j) for j in rng.choice(JOBS, size=n)]
   facts = [Document(nm, FACT_TEMPLATE.format(name=nm, city=c, job=j)) for nm, c, j in zip(names, cities, jobs)]
-  build_corpus(facts, storage, prefix=knowledge_prefix, tokenizer=tok, block_len=block_len)
   queries = [Document(nm, t.format(name=nm, city=c)) for nm, c in zip(names, cities) for t in QUERY_TEMPLATES]
-  build_corpus(queries, storage, prefix=query_prefix, tokenizer=tok, block_len=block_len,
-               tagger=CityTagger(sorted(set(cities))), title_spans=False)
+  facts += [Document(p["name"], FACT_TEMPLATE.format(name=p["name"], city=p["city"], job=p["job"]))
+            for p in distractors if p["city"] not in set(cities)]
+  tagger = CityTagger(sorted(set(cities)))
+  if queries_in_knowledge:
+    build_corpus(facts + queries, storage, prefix=knowledge_prefix, tokenizer=tok, block_len=block_len,
+                 tagger=tagger, title_spans=False)
+  else:
+    build_corpus(facts, storage, prefix=knowledge_prefix, tokenizer=tok, block_len=block_len)
+  build_corpus(queries, storage, prefix=query_prefix, tokenizer=tok, block_len=block_len, tagger=tagger,
+               title_spans=False)
   k = len(QUERY_TEMPLATES)
-  return [{"name": nm, "city": c, "job": j, "block_id": i, "query_block_ids": list(range(k * i, k * i + k))}
-          for i, (nm, c, j) in enumerate(zip(names, cities, jobs))]
+  people = [{"name": nm, "city": c, "job": j, "block_id": i, "query_block_ids": list(range(k * i, k * i + k))}
+            for i, (nm, c, j) in enumerate(zip(names, cities, jobs))]
+  if queries_in_knowledge:
+    for p in people:
+      p["knowledge_query_block_ids"] = [len(facts) + i for i in p["query_block_ids"]]
+  return people

@@ -29,12 +29,14 @@ def body_rows(blocks, block_len: int, tok) -> np.ndarray:
   return np.asarray(device_corpus.body_from_doc(jnp.asarray(doc), tok.sep_id, tok.pad_id))
 
 
-def fact_queries(storage, query_len: int, prefix: str = "queries", seed: int = 0) -> dict[str, np.ndarray]:
-  """The salient-span query (the city masked) of every block of a fact-query corpus, stacked."""
+def fact_queries(storage, query_len: int, prefix: str = "queries", seed: int = 0,
+                 max_masks: int = 1) -> dict[str, np.ndarray]:
+  """The salient-span query (the city masked, up to `max_masks` tokens) of every block of a
+  fact-query corpus, stacked."""
   reader = CorpusReader(storage, prefix)
   tok = reader.tokenizer()
   rng = np.random.default_rng(seed)
-  feats = [masking.salient_span_query(block, rng, tok, query_len=query_len, max_masks=1)
+  feats = [masking.salient_span_query(block, rng, tok, query_len=query_len, max_masks=max_masks)
            for block in reader.iter_blocks()]
   return {k: np.stack([f[k] for f in feats]) for k in feats[0]}
 
@@ -51,13 +53,13 @@ def encoder_nll(encoder, queries: dict, bodies: jnp.ndarray, pad_id: int) -> jnp
 
 def teach_reading(encoder, storage, *, query_len: int, block_len: int, steps: int = 600, batch: int = 32,
                   learning_rate: float = 1e-3, own_block: float = 0.5, null_block: float = 0.2,
-                  seed: int = 0) -> list[float]:
+                  seed: int = 0, max_masks: int = 1) -> list[float]:
   """Trains `encoder` in place on the people of `storage` (a `build_fact_corpora` root) and
   returns the loss every 50 steps. Each example reads its own block (`own_block`), the null
   document (`null_block`) or another person's block."""
   knowledge = CorpusReader(storage, "corpus")
   tok = knowledge.tokenizer()
-  queries = fact_queries(storage, query_len)
+  queries = fact_queries(storage, query_len, max_masks=max_masks)
   blocks = list(knowledge.iter_blocks())
   bodies = body_rows(blocks, block_len, tok)
   null = np.full_like(bodies[0], tok.pad_id)
@@ -87,13 +89,13 @@ def teach_reading(encoder, storage, *, query_len: int, block_len: int, steps: in
   return losses
 
 
-def reading_accuracy(encoder, storage, *, query_len: int, block_len: int) -> dict[str, float]:
+def reading_accuracy(encoder, storage, *, query_len: int, block_len: int, max_masks: int = 1) -> dict[str, float]:
   """Accuracy of the masked city on the people of `storage` (held out from teaching) when the
   encoder reads their own block (`own`), the next person's block (`other`) or the null document,
   and the mean negative log-likelihood of the city in each case (`own_nll`, ...: how confident)."""
   knowledge = CorpusReader(storage, "corpus")
   tok = knowledge.tokenizer()
-  queries = fact_queries(storage, query_len)
+  queries = fact_queries(storage, query_len, max_masks=max_masks)
   bodies = body_rows(list(knowledge.iter_blocks()), block_len, tok)
   null = np.full_like(bodies[0], tok.pad_id)
   null[0] = tok.sep_id
