@@ -1,14 +1,8 @@
-"""The pod variant of openqa_nq.py: 64 questions per step (split over the mesh's data axis), the
-same 20 epochs in 1/64 of the steps and of the warmup, at ORQA's rate 1e-5 (not scaled up: on the
-small task of benchmarks/openqa_schedule.py the unscaled rate matched one question per step, and
-larger rates lost held-out retrieval; docs/OPENQA.md)."""
+"""The pod variant of openqa_nq.py: 64 questions per step for the same 20 epochs at lr 1e-5
+(`openqa.config.orqa_pod_config` says why)."""
 
-from realm_jax.openqa.config import ORQA_TRAIN_QUESTIONS, FinetuneConfig, load_finetune_config, orqa_schedule
-
-BATCH = 64
+from realm_jax.openqa.config import FinetuneConfig, orqa_pod_config
 
 
 def get_config() -> FinetuneConfig:
-  return load_finetune_config("openqa_nq").replace(
-      **orqa_schedule(ORQA_TRAIN_QUESTIONS["nq"], batch_size=BATCH, lr_scaling="none"), log_every=10,
-      checkpoint_every=250)
+  return orqa_pod_config("openqa_nq", "nq")
