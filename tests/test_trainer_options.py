@@ -9,7 +9,7 @@ from flax import nnx
 from realm_jax.config import get_preset
 from realm_jax.convert import hf as hfconv
 from realm_jax.data import sources
-from realm_jax.retrieval import index as index_lib
+from realm_jax.retrieval import index as index_lib, mips
 from realm_jax.storage import Storage
 from realm_jax.train import inputs
 from realm_jax.train.config import load_config
@@ -82,7 +82,7 @@ def test_scann_retrieval_matches_device_retrieval(corpus_root, tmp_path):
   root = _fresh_root(corpus_root, tmp_path, "scann")
   trainer = Trainer(scann_cfg, root, log_fn=QUIET, stop_after=3)
   trainer._setup_index()  # what run() does first: bootstrap the index (with a ScaNN searcher)
-  assert trainer.active.searcher is not None
+  assert trainer.active.searcher is not None and trainer.active.on_mesh is None  # no index rows on the mesh
   emb = index_lib.load_index(Storage.open(root)).embeddings
   assert emb.shape[0] == 16 and trainer.active.searcher.info.kind == "brute_force"
   # The candidates ScaNN feeds the step are the exact top-k (own block excluded) of numpy.
@@ -97,7 +97,8 @@ def test_scann_retrieval_matches_device_retrieval(corpus_root, tmp_path):
   assert_top_k(got, q, emb, k, atol=1e-3, exclude=own[:, None])
   # ... and the device step's own retrieval picks the same blocks for the same queries.
   from realm_jax.train.realm_step import retrieve_candidates
-  dev = np.asarray(retrieve_candidates(jnp.asarray(q), trainer.active.on_mesh, batch["block_id"], k + 1, False))
+  on_mesh = mips.shard_rows(emb, trainer.mesh)
+  dev = np.asarray(retrieve_candidates(jnp.asarray(q), on_mesh, batch["block_id"], k + 1, False))
   assert_top_k(dev, q, emb, k, atol=1e-3, exclude=own[:, None])
   trainer.loader.close()
   trainer.ckpt.close()

@@ -25,7 +25,7 @@ class ActiveIndex:
   """The index version the step retrieves from, placed on the mesh (and its ScaNN searcher)."""
 
   info: index_lib.IndexInfo
-  on_mesh: mips.RowShardedEmbeddings
+  on_mesh: mips.RowShardedEmbeddings | None  # None with a ScaNN searcher (retrieval on the host)
   searcher: Any = None  # ScaNN, for cfg.retrieval == "scann"
 
 

@@ -172,14 +172,16 @@ class Trainer(TrainLoop):
              f"({info.num_blocks} blocks, embed {info.timings.get('embed_seconds', 0):.1f}s)")
 
   def _load(self, version: str | None = None) -> tuple[index_lib.IndexRows, object]:
-    """This process's devices' rows of an index version (LATEST by default), each chunk verified,
-    with the version's ScaNN searcher when retrieval needs it."""
-    ranges = mips.local_row_ranges(self.corpus.num_blocks, self.mesh)
+    """This process's devices' rows of an index version (LATEST by default), each chunk verified;
+    with `retrieval='scann'` the version's ScaNN searcher instead (it keeps what it searches, and
+    the step re-embeds its candidates: no embedding row is read or placed on the mesh)."""
+    scann = self.cfg.retrieval == "scann"
+    ranges = [] if scann else mips.local_row_ranges(self.corpus.num_blocks, self.mesh)
     loaded = index_lib.load_index_rows(self.storage, ranges, version, corpus=self.corpus)
-    return loaded, loaded.load_searcher() if self.cfg.retrieval == "scann" else None
+    return loaded, loaded.load_searcher() if scann else None
 
   def _activate(self, loaded: index_lib.IndexRows, searcher=None) -> None:
-    self.active = ActiveIndex(loaded.info, loaded.to_mesh(self.mesh), searcher)
+    self.active = ActiveIndex(loaded.info, None if searcher is not None else loaded.to_mesh(self.mesh), searcher)
     self.index_versions.append(loaded.info.version)
 
   def _setup_index(self) -> None:
