@@ -196,7 +196,7 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
     raise publish.PublishConflict(refused or f"{storage.uri(prefix)}: another publisher got there first "
                                              f"(process 0 refused to publish step {step})")
 
-  # Each process uploads its own embedding files and its searcher partition.
+  # Each process uploads its own embedding files and its searcher partitions.
   t0 = time.perf_counter()
   first_rows = [0] + np.cumsum([int(s["num_blocks"]) for s in corpus.shards]).tolist()
   entries, row_files, parts, scann_seconds = {}, {}, [], 0.0
@@ -208,37 +208,31 @@ def build_and_publish_index(storage, embedder: nnx.Module, corpus, config: Realm
     mine_rows = sum(emb.rows[i] for i in mine)
     bounds = scann_index.partition_bounds(mine_rows, scann_config.partition_rows) if with_scann and mine_rows else []
     pending, held, done = [], 0, 0  # parsed rows not yet in a partition; how many; rows before them
-
-    def build_ready(final: bool) -> None:
-      nonlocal pending, held, done, scann_seconds
-      while len(parts) < len(bounds) and (final or bounds[len(parts)][1] <= done + held):
-        a, b = bounds[len(parts)]
-        t1 = time.perf_counter()
-        block = np.concatenate(pending) if len(pending) > 1 else pending[0]
-        searcher = scann_index.build_searcher(block[:b - a], scann_config)
-        part = {"dir": f"{SCANN_DIR}/part-{pid:05d}-{len(parts):04d}", "first_row": first_rows[mine.start] + a,
-                "rows": b - a}
-        with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
-          local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"), part["dir"])
-          entries.update(publish.upload(storage, prefix, version, local))
-        parts.append(part)
-        pending, held, done = ([block[b - a:]] if held > b - a else []), held - (b - a), b
-        scann_seconds += time.perf_counter() - t1
-        log.info("index for step %d: ScaNN partition %d/%d (%d rows) built in %.1f s", step, len(parts),
-                 len(bounds), part["rows"], time.perf_counter() - t1)
-
     for i in mine:
       name = f"{EMB_DIR}/{embed_lib.shard_name(i)}"
       data = storage.read_bytes(emb.paths[i])
       row_files[name] = RowFile.describe(name, data, emb.rows[i]).to_json()
       entries.update(publish.upload(storage, prefix, version, {name: data}))
-      if bounds:
-        pending.append(embed_lib.parse_embedding_shard(data, storage.uri(emb.paths[i]), emb.rows[i], emb.dim, dtype))
-        held += emb.rows[i]
-        del data
-        build_ready(final=False)
-    if bounds:
-      build_ready(final=True)
+      if not bounds:
+        continue
+      pending.append(embed_lib.parse_embedding_shard(data, storage.uri(emb.paths[i]), emb.rows[i], emb.dim, dtype))
+      held += emb.rows[i]
+      del data
+      while len(parts) < len(bounds) and bounds[len(parts)][1] <= done + held:  # the next partition's rows are in
+        lo, hi = bounds[len(parts)]
+        t1 = time.perf_counter()
+        rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        searcher = scann_index.build_searcher(rows[:hi - lo], scann_config)
+        part = {"dir": f"{SCANN_DIR}/part-{pid:05d}-{len(parts):04d}", "first_row": first_rows[mine.start] + lo,
+                "rows": hi - lo}
+        with tempfile.TemporaryDirectory(prefix="realm-index-") as tmp:
+          local = publish.files_from_dir(scann_index.save_searcher(searcher, pathlib.Path(tmp) / "s"), part["dir"])
+          entries.update(publish.upload(storage, prefix, version, local))
+        parts.append(part)
+        pending, held, done = ([rows[hi - lo:]] if held > hi - lo else []), held - (hi - lo), hi
+        scann_seconds += time.perf_counter() - t1
+        log.info("index for step %d: ScaNN partition %d/%d (%d rows) built in %.1f s", step, len(parts),
+                 len(bounds), part["rows"], time.perf_counter() - t1)
   except FileNotFoundError as e:  # staged embeddings vanished while this process uploaded
     missing = f"{type(e).__name__}: {e}"
   mine_json = {"entries": {n: dataclasses.asdict(e) for n, e in entries.items()}, "row_files": row_files,
