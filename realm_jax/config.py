@@ -16,6 +16,7 @@ from realm_jax.errors import ConfigError
 _DTYPES = ("float32", "bfloat16", "float16")
 _ACTIVATIONS = ("gelu_new", "gelu", "relu")
 _MARGINALS = ("token", "span")
+_POOLINGS = ("cls", "mean")
 _REMAT = ("none", "full", "dots")
 
 
@@ -100,7 +101,10 @@ class RealmConfig:
   """The REALM model: retriever towers, knowledge-augmented encoder and ORQA reader."""
 
   bert: BertConfig = BertConfig()
-  retriever_dim: int = 128  # projection of the pooled [CLS] for inner-product search
+  retriever_dim: int = 128  # projection of the pooled tower output for inner-product search
+  # What the projection reads: "cls" (the tanh-pooled [CLS], as REALM and ORQA) or "mean" (the mean
+  # of the last layer over the block's tokens, as sentence embedders are trained; no pooler).
+  retriever_pooling: str = "cls"
   share_embedders: bool = True  # one tower for queries and documents (original default)
   # Dropout on the retrieval embedding (after the projection's LayerNorm) in training, as the
   # original ICT module; off in eval mode (the index, the refresher, evaluation).
@@ -122,6 +126,7 @@ class RealmConfig:
     check_positive_ints(self, ("retriever_dim", "query_len", "block_len", "reader_len", "num_candidates",
                                "span_hidden_size", "max_span_width", "reader_beam_size"))
     check_choice(self, "marginal", _MARGINALS)
+    check_choice(self, "retriever_pooling", _POOLINGS)
     check(0.0 <= self.retrieval_dropout < 1.0,
           f"RealmConfig.retrieval_dropout must be in [0, 1), got {self.retrieval_dropout}")
     check(self.num_candidates >= 2,
@@ -156,10 +161,13 @@ class RealmConfig:
   def fingerprint(self) -> str:
     """A short hash of the architecture, recorded in index manifests (`bert.remat` is left out:
     it changes what the backward pass recomputes, not the model; `retrieval_dropout` too: it acts
-    in training only, so the index's embeddings do not depend on it)."""
+    in training only, so the index's embeddings do not depend on it; `retriever_pooling` only when
+    it is the default "cls", so configs written before the field existed keep their fingerprint)."""
     d = self.to_dict()
     d["bert"].pop("remat")
     d.pop("retrieval_dropout")
+    if d["retriever_pooling"] == "cls":
+      d.pop("retriever_pooling")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
   def replace(self, **kwargs) -> "RealmConfig":

@@ -186,6 +186,9 @@ def hf_state_dict(model: nnx.Module, kind: str, cfg: RealmConfig) -> dict[str, n
   if kind in ("embedder", "scorer", "orqa") and not cfg.share_embedders:
     raise ConversionError("HF's Realm* classes hold one retriever embedder; these weights have separate "
                           "query and document towers (share_embedders=False)")
+  if kind in ("embedder", "scorer", "orqa") and cfg.retriever_pooling != "cls":
+    raise ConversionError(f"HF's Realm* classes pool the [CLS] token; these weights' retriever uses "
+                          f"retriever_pooling={cfg.retriever_pooling!r}, which no HF class computes")
   sd: dict[str, np.ndarray] = {}
   if kind == "embedder":
     sd.update(_ours_to_hf(model.retriever.query_embedder, hfc.embedder_rules(), ""))

@@ -257,22 +257,37 @@ def load_bert(bert_module: nnx.Module, state_dict: Mapping[str, Any], source: st
   load_state_dict(bert_module, sd, rules, skip=skip + [r"^cls\."], source=source)
 
 
-def init_from_bert(model: nnx.Module, state_dict: Mapping[str, Any], source: str = "BERT weights") -> list[str]:
-  """Initialises every BERT inside a RealmModel/OpenQAModel from one plain `BertModel` state dict.
+TOWERS = ("retriever.query_embedder", "retriever.doc_embedder", "encoder", "reader")
+
+
+def init_from_bert(model: nnx.Module, state_dict: Mapping[str, Any], source: str = "BERT weights",
+                   parts: tuple[str, ...] | None = None) -> list[str]:
+  """Initialises every BERT inside a RealmModel/OpenQAModel from one plain `BertModel` state dict
+  (only the towers under `parts`, e.g. `("retriever",)`, when given).
 
   The retriever towers, the knowledge-augmented encoder and the reader all start from the same
-  pre-trained BERT (as REALM starts from BERT); projections and heads keep their fresh init.
-  Returns the names of the initialised encoders.
+  pre-trained BERT (as REALM starts from BERT); projections and heads keep their fresh init, except
+  that a mean-pooling retriever tower gets `init_sentence_head` (a head that keeps the BERT's
+  mean-pooled ranking). Returns the names of the initialised encoders.
   """
+  from realm_jax.models.retriever import init_sentence_head
+
   done, seen = [], set()
-  for name in ("retriever.query_embedder", "retriever.doc_embedder", "encoder", "reader"):
+  for name in TOWERS:
+    if parts is not None and name.split(".")[0] not in parts:
+      continue
     obj = model
     for attr in name.split("."):
       obj = getattr(obj, attr, None)
     if obj is not None and id(obj) not in seen:  # a shared tower is loaded once
       load_bert(obj.bert, state_dict, source=source)
+      if getattr(obj, "pooling", None) == "mean":
+        init_sentence_head(obj)
+        name += " (mean pooling, sentence head)"
       done.append(name)
       seen.add(id(obj))
+  if not done:
+    raise ConversionError(f"{type(model).__name__} holds no BERT tower named {parts or TOWERS}")
   return done
 
 
@@ -293,14 +308,15 @@ def first_layers(state_dict: Mapping[str, Any], num_layers: int) -> dict[str, An
   return {k: v for k, v in state_dict.items() if not ((m := _LAYER_KEY.match(k)) and int(m.group(1)) >= num_layers)}
 
 
-def init_from_minilm(model: nnx.Module, num_layers: int | None = None) -> str:
-  """Initialises every BERT of `model` from the packaged MiniLM-L6 (its first `num_layers` layers
-  when the model is shallower); returns a log line saying what was loaded."""
+def init_from_minilm(model: nnx.Module, num_layers: int | None = None, parts: tuple[str, ...] | None = None) -> str:
+  """Initialises every BERT of `model` (those under `parts` when given) from the packaged MiniLM-L6
+  (its first `num_layers` layers when the model is shallower); returns a log line saying what
+  was loaded."""
   from realm_jax.data import sources  # data -> convert would be circular at import time
   sd = read_state_dict(sources.minilm_dir())
   have = num_layers_of(sd)
   source = "MiniLM-L6"
   if num_layers is not None and num_layers < have:
     sd, source = first_layers(sd, num_layers), f"the first {num_layers} of MiniLM-L6's {have} layers"
-  done = init_from_bert(model, sd, source=source)
+  done = init_from_bert(model, sd, source=source, parts=parts)
   return f"initialised {', '.join(done)} from {source} (packaged BERT)"

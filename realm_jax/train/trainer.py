@@ -59,7 +59,7 @@ def init_model(cfg: TrainConfig, log: Callable[[str], None] = lambda message: No
   else:
     log(f"initialised {load_parts(cfg.init, model, None)}")
   if cfg.init_retriever == "minilm":
-    log(hfconv.init_from_minilm(model.retriever, cfg.model.bert.num_layers))
+    log(hfconv.init_from_minilm(model, cfg.model.bert.num_layers, parts=("retriever",)))
   elif cfg.init_retriever not in (None, "random"):
     log(f"initialised {load_parts(cfg.init_retriever, model, ['retriever'], 'init_retriever')}")
   return model
