@@ -75,18 +75,18 @@ def main() -> int:
   p.add_argument("--beam", type=int, default=100, help="retriever beam of the fine-tuning loss (default 100)")
   p.add_argument("--dims", type=int, nargs="+", default=[128, 384], help="retriever_dim of the mean-pooled rows")
   p.add_argument("--finetune-cls", action="store_true", help="also fine-tune the paper's [CLS] head")
-  p.add_argument("--workdir", help="keep the corpus and runs here (default: a temporary directory)")
+  p.add_argument("--workdir", help="keep the corpus (reused) and the runs here (default: a temporary directory)")
   p.add_argument("--json", help="write the rows to this file")
   args = p.parse_args()
   print(f"load before: {_load()}", flush=True)
   t0 = time.time()
   with tempfile.TemporaryDirectory() as tmp:
     work = pathlib.Path(args.workdir or tmp)
-    corpus_uri = str(work / "corpus")
+    corpus_uri = str(work / "corpus")  # build_corpus writes <root>/corpus
     if not (work / "corpus" / "manifest.json").exists():
-      build_corpus([str(sources.wikipedia_excerpt())], Storage.open(corpus_uri), block_len=BLOCK_LEN,
+      build_corpus([str(sources.wikipedia_excerpt())], Storage.open(str(work)), block_len=BLOCK_LEN,
                    tokenizer="minilm")
-    reader = CorpusReader(Storage.open(corpus_uri))
+    reader = CorpusReader(Storage.open(str(work)))
     blocks = list(reader.iter_blocks())
     pool = [ex for name in demo_questions.QUESTION_SETS for ex in qa.load_questions(name)]
     picked = demo_questions.select_questions(blocks, pool)
@@ -111,10 +111,10 @@ def main() -> int:
       if not tune or args.steps <= 0:
         continue
       t = time.time()
-      root = work / f"finetune-{pooling}-{dim}"
-      tuner = Finetuner(cfg, str(root), resume=True, questions=train, log_fn=lambda m: None)
+      root = tempfile.mkdtemp(prefix=f"finetune-{pooling}-{dim}-", dir=work)  # a fresh run each time
+      tuner = Finetuner(cfg, root, questions=train, log_fn=lambda m: None)
       tuner.run()
-      frozen = index_lib.load_index(Storage.open(str(root)), tuner.index_version).embeddings
+      frozen = index_lib.load_index(Storage.open(root), tuner.index_version).embeddings
       rows.append(_row(f"  + fine-tuned {args.steps} steps x {args.batch}", probe.recall(
           probe.embed_queries(tuner.model.retriever), np.asarray(frozen, np.float32)), time.time() - t))
   print(f"load after: {_load()}; {time.time() - t0:.0f} s in all", flush=True)

@@ -21,7 +21,6 @@ from flax import nnx
 from realm_jax.config import RealmConfig
 from realm_jax.models.bert import BertEncoder, _dense, _norm
 
-
 # The inner product of two unit vectors times this is what a sentence embedder's contrastive loss
 # was trained on (sentence-transformers' MultipleNegativesRankingLoss: cosine x 20).
 SENTENCE_SCORE_SCALE = 20.0
