@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from realm_jax.config import BertConfig
+from realm_jax.models.dropout import Dropout
 
 _ACT = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -47,7 +48,7 @@ class BertEmbeddings(nnx.Module):
     self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype,
                                            embedding_init=init, rngs=rngs)
     self.layer_norm = _norm(cfg, cfg.hidden_size, rngs)
-    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.dropout = Dropout(cfg.dropout_rate, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
     positions = jnp.arange(input_ids.shape[-1])[None, :]
@@ -72,7 +73,7 @@ class SelfAttention(nnx.Module):
     self.value = _dense(cfg, h, h, rngs)
     self.output = _dense(cfg, h, h, rngs)
     self.dropout_rate = cfg.dropout_rate
-    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.dropout = Dropout(cfg.dropout_rate, rngs=rngs)
     self.fused: bool | None = None
 
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -104,7 +105,7 @@ class BertLayer(nnx.Module):
     self.intermediate = _dense(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
     self.output = _dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
     self.output_norm = _norm(cfg, cfg.hidden_size, rngs)
-    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.dropout = Dropout(cfg.dropout_rate, rngs=rngs)
     self.act = cfg.hidden_act
 
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:

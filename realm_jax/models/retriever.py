@@ -20,6 +20,7 @@ from flax import nnx
 
 from realm_jax.config import RealmConfig
 from realm_jax.models.bert import BertEncoder, _dense, _norm
+from realm_jax.models.dropout import Dropout
 
 # The inner product of two unit vectors times this is what a sentence embedder's contrastive loss
 # was trained on (sentence-transformers' MultipleNegativesRankingLoss: cosine x 20).
@@ -46,7 +47,7 @@ class RetrieverEmbedder(nnx.Module):
     self.bert = BertEncoder(cfg.bert, pooler=self.pooling == "cls", rngs=rngs)
     self.projection = _dense(cfg.bert, cfg.bert.hidden_size, cfg.retriever_dim, rngs)
     self.projection_norm = _norm(cfg.bert, cfg.retriever_dim, rngs)
-    self.dropout = nnx.Dropout(cfg.retrieval_dropout)  # no rngs: see the class docstring
+    self.dropout = Dropout(cfg.retrieval_dropout)  # no rngs: see the class docstring
 
   def project(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array) -> jax.Array:
     """The embedding before the retrieval dropout: `[..., L]` -> `[..., retriever_dim]` float32."""
