@@ -34,7 +34,7 @@ def _rows(quick: bool) -> list[tuple[str, list[str], str, str]]:
   r = ["--rounds", "1"] if quick else []
   embed = r"{p}: ours ([\d.]+) blocks/s, HF RealmEmbedder ([\d.]+) blocks/s, ratio ([\d.]+)x"
   step = r"{p} \(.*?\): ours ([\d.]+) ex/s .*?\| HF PyTorch ([\d.]+) ex/s .*?ratio ours/HF = ([\d.]+)x"
-  iters = ["--iters", "1", "--warmup", "2"] if quick else ["--iters", "3"]
+  iters = ["--iters", "1", "--warmup", "2", "--rounds", "1"] if quick else ["--iters", "4"]
   return [
       ("embedding, minilm, Wikipedia 288", ["embed.py", "--presets", "minilm", *r], embed.format(p="minilm"),
        "blocks/s"),

@@ -5,15 +5,24 @@ Ours: the full step of `realm_jax.train.realm_step.realm_loss` (query embed, exa
 row-sharded index, candidate re-embedding, encoder, marginal loss) forward+backward + optimizer,
 jitted over the (model, optimizer) state as the trainer does. HF: `RealmScorer` (query + the
 candidates) + `RealmKnowledgeAugEncoder` with labels, forward+backward + AdamW, candidates given
-(HF has no in-step retrieval). Both in training mode (dropout on). After the warm-up steps the two
-sides alternate step by step, so load from other jobs hits both alike; every timed step is
-printed, with a steadiness check (slowest / fastest), and the 1-minute load average before and after.
+(HF has no in-step retrieval). Both in training mode (dropout on). The sides take turns (see
+below), so load from other jobs hits both alike; every timed step is printed, with a steadiness
+check (slowest / fastest), and the 1-minute load average before and after.
 `--breakdown` also times our step's parts.
+
+By default each side runs alone, in its own worker process, and the sides take turns by rounds
+(`--rounds`: ours, then HF, then ours, ...; each round compiles / warms up again). With both
+sides in one process, or in two processes alive at once, our MiniLM step slowed from 8.5-9.0 s
+to 11-16 s after HF's first steps, and kept slowing, while HF's stayed at ~10.2 s: XLA:CPU
+re-faults ~2 million pages (~8 GB) of temporaries every step, and with HF's ~5 GB held next to
+it those faults got slower. The ratio then measured that interference, not either step.
+`--same-process` keeps the one-process alternation for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -157,6 +166,50 @@ def hf_step(cfg, batch, rng, threads: int):
   return run
 
 
+def _worker(side: str, preset: str, batch: int, candidates: int, blocks: int, threads: int, conn) -> None:
+  """One side in its own process: builds its step, then answers "step" (seconds of one step),
+  "breakdown" (ours: the parts' seconds) and "stop"."""
+  cfg = get_preset(preset, num_candidates=candidates)
+  rng = np.random.default_rng(0)
+  breakdown = None
+  if side == "ours":
+    fn, breakdown = ours_step(cfg, batch, blocks, rng)
+  else:
+    make_inputs(cfg, batch, blocks, rng)  # the same random stream as in one process
+    fn = hf_step(cfg, batch, rng, threads)
+  conn.send("ready")
+  while (msg := conn.recv()) != "stop":
+    conn.send(_seconds(fn) if msg == "step" else breakdown(msg[1]))
+
+
+class _Side:
+  """A worker process running one side; `step()` returns the seconds of one step."""
+
+  def __init__(self, side: str, preset: str, args):
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(target=_worker, args=(side, preset, args.batch, args.candidates, args.blocks,
+                                                  args.threads, child), daemon=True)
+    self.proc.start()
+    if self.conn.recv() != "ready":
+      raise RuntimeError(f"the {side} worker did not start")
+
+  def step(self) -> float:
+    self.conn.send("step")
+    return self.conn.recv()
+
+  def breakdown(self, iters: int) -> dict[str, float]:
+    self.conn.send(("breakdown", iters))
+    return self.conn.recv()
+
+  def close(self) -> None:
+    self.conn.send("stop")
+    self.proc.join(timeout=60)
+    if self.proc.is_alive():
+      self.proc.kill()
+
+
 def _fmt(times: list[float]) -> str:
   return " ".join(f"{t * 1e3:.0f}" for t in times)
 
@@ -171,21 +224,44 @@ def main() -> None:
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (compile)")
   ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   ap.add_argument("--breakdown", action="store_true", help="also time our step's parts")
+  ap.add_argument("--rounds", type=int, default=2, help="turns per side, each in a fresh worker (default 2)")
+  ap.add_argument("--same-process", action="store_true",
+                  help="run both sides in this process (they interfere: see the module docstring)")
   args = ap.parse_args()
   print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}", flush=True)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {args.batch} queries x "
         f"{args.candidates} candidates; index {args.blocks} blocks; {args.warmup} warm-up steps, then "
-        f"{args.iters} timed steps per side, alternating; torch threads {args.threads}")
+        f"{args.iters} timed steps per side; torch threads {args.threads}; " + (
+            "one process, alternating steps" if args.same_process
+            else f"each side alone in its own process, {args.rounds} rounds each"))
   for preset in args.presets:
     cfg = get_preset(preset, num_candidates=args.candidates)
-    rng = np.random.default_rng(0)
-    ours, breakdown = ours_step(cfg, args.batch, args.blocks, rng)
-    hf = hf_step(cfg, args.batch, rng, args.threads)
-    warm = {"ours": [_seconds(ours) for _ in range(args.warmup)], "hf": [_seconds(hf) for _ in range(args.warmup)]}
+    warm = {"ours": [], "hf": []}
     times = {"ours": [], "hf": []}
-    for _ in range(args.iters):
-      times["ours"].append(_seconds(ours))
-      times["hf"].append(_seconds(hf))
+    sides = []
+    if args.same_process:
+      rng = np.random.default_rng(0)
+      ours_fn, breakdown = ours_step(cfg, args.batch, args.blocks, rng)
+      hf_fn = hf_step(cfg, args.batch, rng, args.threads)
+      step = {"ours": functools.partial(_seconds, ours_fn), "hf": functools.partial(_seconds, hf_fn)}
+      for side in ("ours", "hf"):
+        warm[side] += [step[side]() for _ in range(args.warmup)]
+      for _ in range(args.iters):
+        for side in ("ours", "hf"):
+          times[side].append(step[side]())
+    else:
+      per_round = [args.iters // args.rounds + (r < args.iters % args.rounds) for r in range(args.rounds)]
+      for n in per_round:
+        for side in ("ours", "hf"):
+          worker = _Side(side, preset, args)
+          warm[side] += [worker.step() for _ in range(args.warmup)]
+          times[side] += [worker.step() for _ in range(n)]
+          worker.close()
+      if args.breakdown:  # a fresh worker of ours, after the timed rounds, alone
+        sides.append(_Side("ours", preset, args))
+        for _ in range(args.warmup):
+          sides[0].step()
+        breakdown = sides[0].breakdown
     t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
     print(f"\n{preset} ({cfg.query_len} + {cfg.block_len} tokens): ours {args.batch / t_ours:.3f} ex/s "
           f"({t_ours * 1e3:.0f} ms/step) | HF PyTorch {args.batch / t_hf:.3f} ex/s ({t_hf * 1e3:.0f} ms/step) | "
@@ -199,6 +275,8 @@ def main() -> None:
       total = sum(parts.values())
       for name, t in parts.items():
         print(f"  {name:16s} {t * 1e3:8.1f} ms  ({100 * t / total:4.1f}% of the parts)")
+    for side in sides:
+      side.close()
   print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 
 
