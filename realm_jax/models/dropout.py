@@ -6,8 +6,9 @@ threefry takes longer than the layer's matmuls: the MiniLM REALM step spends abo
 time there (`benchmarks/train_step.py`). This layer cuts each 32-bit word into two 16-bit
 uniforms and keeps an element when its uniform is at least round(rate x 65536); kept elements
 are scaled by 1 / P(keep), so the expectation is exact and the rate differs from the configured
-one by at most 2^-17. The words are drawn with the input's leading shape (the last axis halved),
-so a sharded input draws its bits sharded, and the mask does not depend on the mesh.
+one by at most 2^-17 (rates within 2^-17 of 1 keep one level in 65536). The words are drawn with
+the input's leading shape (the last axis halved), and threefry's bits for a shape do not depend
+on how it is sharded, so neither does the mask.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ UNIFORM_LEVELS = 1 << 16  # one 32-bit word -> two uniforms in [0, 65536)
 
 def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
   """A boolean mask of `shape` (True: keep) and the probability of keeping an element."""
-  threshold = round(rate * UNIFORM_LEVELS)
+  threshold = min(round(rate * UNIFORM_LEVELS), UNIFORM_LEVELS - 1)
   last = shape[-1] if shape else 1
   words = jax.random.bits(key, (*shape[:-1], (last + 1) // 2), jnp.uint32)
   halves = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :last]
