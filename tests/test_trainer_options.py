@@ -61,10 +61,14 @@ def test_fsdp_shards_params_and_matches_replicated_losses(corpus_root, tmp_path)
   np.testing.assert_allclose(_losses(sharded), _losses(ref), rtol=2e-4)
   np.testing.assert_allclose([h["grad_norm"] for h in sharded.history], [h["grad_norm"] for h in ref.history],
                              rtol=2e-3)
-  # The trained weights agree too (FSDP changes the layout, not the arithmetic).
+  # The trained weights agree too (FSDP changes the layout, not the arithmetic). AdamW divides
+  # each update by sqrt(v): where an element's gradient is near zero, reduction-order noise in it
+  # moves that element's update far more than the gradient's own rounding. Over seeds 0-2 (and two
+  # dropout implementations) the largest difference was 1.07e-6, in one element of 65,536, the
+  # others' 1.4e-7 - 6.8e-7; a layout bug moves many elements by a learning-rate-sized step.
   sharded_kernel = trainer.model.encoder.bert.layers[0].intermediate.kernel[...]
   plain_kernel = plain.model.encoder.bert.layers[0].intermediate.kernel[...]
-  np.testing.assert_allclose(np.asarray(sharded_kernel), np.asarray(plain_kernel), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sharded_kernel), np.asarray(plain_kernel), rtol=1e-4, atol=2e-6)
 
 
 # ------------------------------------------------------------------------------------------------
