@@ -20,6 +20,7 @@ from realm_jax.data.blocks import Block
 from realm_jax.data.qa import QAExample
 from realm_jax.demo.questions import AnswerMatcher
 from realm_jax.demo.recall import first_hit_ranks
+from realm_jax.models.retriever import mean_pool
 from realm_jax.openqa import features as qa_features
 from realm_jax.openqa.evaluate import recall_at
 
@@ -55,8 +56,7 @@ def _mean_pooled(bert: nnx.Module, inputs: dict[str, np.ndarray], batch: int = 6
   def embed(state, ids, mask):
     model = nnx.merge(graphdef, state)
     hidden, _ = model(ids, mask, jnp.zeros_like(ids))
-    m = mask[..., None].astype(hidden.dtype)
-    pooled = (hidden * m).sum(-2) / jnp.maximum(m.sum(-2), 1.0)
+    pooled = mean_pool(hidden, mask)
     return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
 
   graphdef, state = nnx.split(bert)
