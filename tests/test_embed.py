@@ -11,7 +11,7 @@ from flax import nnx
 from realm_jax.config import get_preset
 from realm_jax.data.corpus import CorpusReader, build_corpus
 from realm_jax.data.features import blocks_doc_inputs
-from realm_jax.models.microbatch import rows_per_step
+from realm_jax.models.microbatch import CPU_STEP_ELEMENTS, rows_per_step
 from realm_jax.models.retriever import RetrieverEmbedder
 from realm_jax.retrieval.embed import (
   EmbedError,
@@ -246,3 +246,13 @@ def test_rows_per_step():
   assert rows_per_step(64, 16, 1, 512) == 32 and rows_per_step(64, 16, 8, 512) == 64
   assert rows_per_step(16, 32, 8, 20) == 8  # one row a device, even over the budget
   assert rows_per_step(64, 288, 1, None) == 64 and rows_per_step(12, 8, 8, 16) == 12  # uneven: one step
+
+
+def test_cpu_micro_batches_hold_a_fixed_number_of_activations():
+  """On CPU a step holds about 512 x 384 activation elements: 512 tokens of a 384-wide tower,
+  1,536 of the 128-wide tiny one; the width is read from the embedder's token embeddings."""
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+  tiny = make_embed_fn(make_embedder(), mesh)
+  minilm = make_embed_fn(RetrieverEmbedder(get_preset("minilm"), rngs=nnx.Rngs(0)), mesh)
+  assert (tiny.step_tokens, minilm.step_tokens) == (1536, 512) == (CPU_STEP_ELEMENTS // 128, CPU_STEP_ELEMENTS // 384)
+  assert make_embed_fn(make_embedder(), mesh, step_tokens=None).step_tokens is None

@@ -9,7 +9,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-CPU_STEP_TOKENS = 512  # tokens per step and device on CPU (benchmarks/embed.py, benchmarks/openqa.py)
+# Activation elements (tokens x hidden size) per step and device on CPU: 512 tokens of MiniLM's 384
+# (benchmarks/embed.py); a narrower model takes more tokens a step (the tiny preset, hidden 128:
+# 1,536, where the reader answered 1.3x faster than at 512 tokens, benchmarks/openqa.py).
+CPU_STEP_ELEMENTS = 512 * 384
 
 
 def rows_per_step(rows: int, tokens_per_row: int, devices: int, step_tokens: int | None) -> int:
@@ -35,6 +38,9 @@ def map_rows(fn: Callable, xs: tuple[jax.Array, ...], step_rows: int):
   return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape(n, *y.shape[2:]), out)
 
 
-def step_tokens_for(mesh) -> int | None:
-  """CPU_STEP_TOKENS on CPU meshes; None (one step) on accelerators, which want large batches."""
-  return CPU_STEP_TOKENS if mesh.devices.flat[0].platform == "cpu" else None
+def step_tokens_for(mesh, hidden_size: int) -> int | None:
+  """Tokens per step and device: CPU_STEP_ELEMENTS / `hidden_size` on CPU meshes; None (one step)
+  on accelerators, which want large batches."""
+  if mesh.devices.flat[0].platform != "cpu":
+    return None
+  return max(1, CPU_STEP_ELEMENTS // hidden_size)

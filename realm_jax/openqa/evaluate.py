@@ -89,7 +89,7 @@ class Evaluator:
     self.beam = min(max(max(self.recall_ks, default=1), cfg.reader_beam_size), n)
     self.corpus = loading.reader_corpus(tables, None if searcher is not None else embeddings, cfg, mesh)
     self.sharding = NamedSharding(mesh, P("data"))
-    self.step_tokens = step_tokens_for(mesh) if step_tokens == "auto" else step_tokens
+    self.step_tokens = step_tokens_for(mesh, cfg.bert.hidden_size) if step_tokens == "auto" else step_tokens
     model.eval()
     self._graphdef, _ = nnx.split(model)
 

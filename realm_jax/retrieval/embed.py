@@ -38,6 +38,14 @@ INFO_FILE = "embed.json"
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
+def _hidden_size(embedder: nnx.Module) -> int:
+  """The width of the embedder's token embeddings (its first `nnx.Embed`); MiniLM's 384 if none."""
+  for _, node in nnx.iter_graph(embedder):
+    if isinstance(node, nnx.Embed):
+      return int(node.features)
+  return 384
+
+
 class EmbedError(RealmError):
   """Embedding inputs, or embeddings already on storage, are not what was asked for."""
 
@@ -117,7 +125,7 @@ class EmbedFn:
     self.batch_sharding = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
     self.replicated = NamedSharding(self.mesh, P())
     self.bucketing = bucketing
-    self.step_tokens = step_tokens_for(self.mesh) if step_tokens == "auto" else step_tokens
+    self.step_tokens = step_tokens_for(self.mesh, _hidden_size(embedder)) if step_tokens == "auto" else step_tokens
     self.compilations = 0
     self.dim: int | None = None
 
