@@ -136,7 +136,31 @@ def run(workdir: str | pathlib.Path, recipe: Recipe = Recipe()) -> Result:
   retriever with ICT, then runs REALM pre-training with the real Trainer (synchronous re-index
   every `refresh_every` steps) in `workdir`."""
   t0 = time.perf_counter()
-  workdir = pathlib.Path(workdir)
+  start = _prepare(pathlib.Path(workdir), recipe)
+  return _pretrain(start, recipe, "root", t0)
+
+
+def run_refresh_ablation(workdir: str | pathlib.Path, recipe: Recipe, stale_every: int) -> tuple[Result, Result]:
+  """The same start (reading encoder, ICT retriever) pre-trained twice: re-indexing every
+  `recipe.refresh_every` steps, and every `stale_every` steps (>= `recipe.steps`: never)."""
+  t0 = time.perf_counter()
+  start = _prepare(pathlib.Path(workdir), recipe)
+  fresh = _pretrain(start, recipe, "fresh", t0)
+  t1 = time.perf_counter()
+  return fresh, _pretrain(start, dataclasses.replace(recipe, refresh_every=stale_every), "stale", t1)
+
+
+@dataclasses.dataclass
+class _Start:
+  workdir: pathlib.Path
+  build: object  # storage -> people: writes the knowledge and query corpora
+  model_cfg: object
+  reading: dict[str, float]
+  extras: dict
+
+
+def _prepare(workdir: pathlib.Path, recipe: Recipe) -> _Start:
+  """The corpora, the encoder taught to read and the retriever's ICT warm start, saved in `workdir`."""
   tok = small_tokenizer()
   n, mm, words = recipe.people, recipe.max_masks, recipe.city_words
   # The reading people: taught on 300, measured on 48 others; neither set is the queried people.
@@ -152,8 +176,6 @@ def run(workdir: str | pathlib.Path, recipe: Recipe = Recipe()) -> Result:
                               queries_in_knowledge=recipe.queries_in_knowledge,
                               distractors=held_people + others_people if recipe.distractors else ())
 
-  root = Storage.open(str(workdir / "root"))
-  people = build(root)
   model_cfg = get_preset("tiny", query_len=QUERY_LEN, block_len=BLOCK_LEN, num_candidates=recipe.num_candidates,
                          retrieval_dropout=0.0, share_embedders=recipe.share_towers, marginal=recipe.marginal,
                          **{"bert.vocab_size": 256, "bert.dropout_rate": 0.0})
@@ -179,8 +201,16 @@ def run(workdir: str | pathlib.Path, recipe: Recipe = Recipe()) -> Result:
                           init=str(workdir / "init"), seed=recipe.seed)
     ict = Trainer(ict_cfg, str(workdir / "ict"), log_fn=lambda m: None).run().history
     extras["ict_accuracy"] = ict[-1]["ict_accuracy"]
+  return _Start(workdir, build, model_cfg, reading, extras)
 
-  cfg = TrainConfig(model=model_cfg, task="realm",
+
+def _pretrain(start: _Start, recipe: Recipe, root_name: str, t0: float) -> Result:
+  """REALM pre-training from `start` in a new root `root_name` of its work directory."""
+  workdir, mm = start.workdir, recipe.max_masks
+  root = Storage.open(str(workdir / root_name))
+  people = start.build(root)
+  extras = dict(start.extras)
+  cfg = TrainConfig(model=start.model_cfg, task="realm",
                     query_corpus_prefix=None if recipe.queries_in_knowledge else "queries", max_masks=mm,
                     batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
                     lr_mults=(("^encoder/", recipe.encoder_lr_mult),), num_train_steps=recipe.steps,
@@ -188,22 +218,25 @@ def run(workdir: str | pathlib.Path, recipe: Recipe = Recipe()) -> Result:
                     sync_refresh_every=recipe.refresh_every, log_every=1, checkpoint_every=10_000,
                     async_checkpointing=False, init=str(workdir / "init"),
                     init_retriever=str(workdir / "ict") if recipe.ict_steps else None, seed=recipe.seed)
-  trainer = Trainer(cfg, str(workdir / "root"), log_fn=lambda m: None)
+  trainer = Trainer(cfg, str(workdir / root_name), log_fn=lambda m: None)
   graphdef, state = nnx.split(trainer.model)
-  start = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))  # the step donates the model's buffers
+  begin = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))  # the step donates the model's buffers
   before = recall_at(trainer.model, root, people, max_masks=mm)
+  extras["recall1_before"] = float(recall_at(trainer.model, root, people, k=1, max_masks=mm).mean())
   hist = trainer.run().history
   after = recall_at(trainer.model, root, people, max_masks=mm)
-  extras["recall_start_docs"] = float(recall_at(trainer.model, root, people, max_masks=mm, doc_model=start).mean())
-  extras["doc_tower_change"] = _param_change(nnx.state(start.retriever.doc_embedder, nnx.Param),
+  extras["recall1_after"] = float(recall_at(trainer.model, root, people, k=1, max_masks=mm).mean())
+  extras["blocks"] = CorpusReader(root, "corpus").num_blocks
+  extras["recall_start_docs"] = float(recall_at(trainer.model, root, people, max_masks=mm, doc_model=begin).mean())
+  extras["doc_tower_change"] = _param_change(nnx.state(begin.retriever.doc_embedder, nnx.Param),
                                              nnx.state(trainer.model.retriever.doc_embedder, nnx.Param))
-  extras["query_tower_change"] = _param_change(nnx.state(start.retriever.query_embedder, nnx.Param),
+  extras["query_tower_change"] = _param_change(nnx.state(begin.retriever.query_embedder, nnx.Param),
                                                nnx.state(trainer.model.retriever.query_embedder, nnx.Param))
   extras["own_block_known"] = float(sum(h["own_block_known"] for h in hist))
   extras["own_block_retrieved"] = float(sum(h["own_block_retrieved"] for h in hist))
   utility = [h["top1_utility"] for h in hist]  # top-1 block vs null document, per example
   accuracy = [h["mlm_accuracy"] for h in hist]
-  return Result(recipe, float(before.mean()), float(after.mean()), reading,
+  return Result(recipe, float(before.mean()), float(after.mean()), start.reading,
                 float(np.mean(utility[:10])), float(np.mean(utility[-10:])),
                 float(np.mean(accuracy[:10])), float(np.mean(accuracy[-10:])),
                 hist[0]["p_z_entropy"], hist[-1]["p_z_entropy"], time.perf_counter() - t0, hist, extras)
