@@ -7,3 +7,15 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tests.fixtures.corpora import *  # noqa: E402,F401,F403  (corpus_root, corpus_seed)
 from tests.fixtures.gcs import *  # noqa: E402,F401,F403  (gcs_server, storage_root, shared_storage_root)
+
+# The slowest tests (a few minutes each on 2 cores) run first: with `-n 2`, one of them started
+# last keeps one worker busy minutes after the other has run out of tests.
+SLOWEST_FIRST = (
+    "test_realm_learning.py::", "test_openqa_retrieval_learning.py::", "test_demo.py::test_demo_quick",
+    "test_multihost.py::test_four_hosts", "test_pod_rehearsal.py::", "test_one_line_errors.py::test_ctrl_c",
+    "test_stage_chain.py::",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: not any(s in item.nodeid for s in SLOWEST_FIRST))  # stable: otherwise in file order
