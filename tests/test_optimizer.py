@@ -124,9 +124,43 @@ def test_lr_mults_config_parsing_and_validation():
   hash(cfg)  # tuples, not the lists JSON gave
   assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
   from realm_jax.openqa.config import FinetuneConfig, apply_overrides as finetune_overrides
-  ft = finetune_overrides(FinetuneConfig(), ['param_sharding=[[".*", "fsdp"]]'])
-  assert ft.param_sharding == ((".*", "fsdp"),) and hash(ft)
+  ft = finetune_overrides(FinetuneConfig(), ['param_sharding=[[".*", "fsdp"]]', 'lr_mults=[["^reader/span", 20]]'])
+  assert ft.param_sharding == ((".*", "fsdp"),) and ft.lr_mults == (("^reader/span", 20.0),) and hash(ft)
+  with pytest.raises(ConfigError, match="lr_mults rules are"):
+    finetune_overrides(ft, ['lr_mults=[["^reader/"]]'])
   with pytest.raises(ConfigError, match="lr_mults rules are"):
     apply_overrides(cfg, ['lr_mults=[["^encoder/", -1]]'])
   with pytest.raises(ConfigError, match="bad regex"):
     apply_overrides(cfg, ['lr_mults=[["(encoder", 0.5]]'])
+
+
+def test_lr_mults_scale_the_finetuners_updates(tmp_path):
+  """Open-QA fine-tuning honours `lr_mults` like pre-training: a reader scaled by 0 keeps its
+  weights (weight decay included) while the query tower trains."""
+  from flax import nnx
+
+  from realm_jax.config import get_preset
+  from realm_jax.data.corpus import build_corpus
+  from realm_jax.data.qa import QAExample
+  from realm_jax.openqa.config import FinetuneConfig
+  from realm_jax.openqa.finetune import Finetuner
+  from realm_jax.storage import Storage
+  from tests.helpers.facts_corpus import write_documents
+
+  docs = write_documents(tmp_path / "docs.jsonl", n=8)
+  build_corpus([str(tmp_path / "docs.jsonl")], Storage.open(str(tmp_path / "root")), block_len=64)
+  questions = [QAExample(d["title"], f"Where was {d['title']} born?", [d["city"]]) for d in docs]
+  cfg = FinetuneConfig(
+      model=get_preset("tiny", query_len=16, block_len=64, reader_len=80, reader_beam_size=2),
+      retriever_beam_size=4, max_answers=1, max_answer_tokens=4, batch_size=8, learning_rate=1e-3,
+      num_train_steps=2, warmup_steps=1, log_every=1, checkpoint_every=100, async_checkpointing=False,
+      lr_mults=(("^reader/", 0.0),))
+  tuner = Finetuner(cfg, str(tmp_path / "root"), questions=questions, log_fn=lambda m: None)
+
+  def params(module):
+    return [np.array(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param))]
+
+  reader, retriever = params(tuner.model.reader), params(tuner.model.retriever)
+  tuner.run()
+  assert all(np.array_equal(a, b) for a, b in zip(params(tuner.model.reader), reader))
+  assert any(not np.array_equal(a, b) for a, b in zip(params(tuner.model.retriever), retriever))

@@ -98,8 +98,8 @@ class Finetuner(TrainLoop):
     # -- model and optimizer (the document tower frozen), placed by the sharding rules -------------
     model = loading.init_openqa_model(cfg.model, cfg.init, cfg.seed, self.log)
     self.schedule = warmup_linear_decay(cfg.learning_rate, cfg.num_train_steps, cfg.warmup_steps)
-    self._place(model, nnx.Optimizer(model, bert_adamw(self.schedule, cfg.weight_decay, cfg.clip_norm),
-                                     wrt=trained_params(cfg.model.share_embedders, cfg.train_query_tower)))
+    tx = bert_adamw(self.schedule, cfg.weight_decay, cfg.clip_norm, lr_mults=cfg.lr_mults)
+    self._place(model, nnx.Optimizer(model, tx, wrt=trained_params(cfg.model.share_embedders, cfg.train_query_tower)))
 
     # -- checkpoints -------------------------------------------------------------------------------
     data_state = self._resume(resume, check_meta=self._check_meta)

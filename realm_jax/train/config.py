@@ -41,6 +41,8 @@ class RunConfig:
   warmup_steps: int | None = None  # None: BERT's min(10000, max(100, steps // 10))
   weight_decay: float = 0.01
   clip_norm: float = 1.0
+  lr_mults: tuple[tuple[str, float], ...] = ()  # (path regex, multiplier): first match scales the
+  # update of a parameter (e.g. ("^encoder/", 0.1)); unmatched parameters keep the full rate
   # Checkpoints and logs.
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
@@ -58,10 +60,12 @@ class RunConfig:
     if not isinstance(self.model, RealmConfig):
       raise ConfigError(f"{type(self).__name__}.model must be a model config, got {self.model!r}")
     object.__setattr__(self, "param_sharding", rules.rule_tuples(self.param_sharding))
+    object.__setattr__(self, "lr_mults", rules.rule_tuples(self.lr_mults))
     check_positive_ints(self, positive + ("batch_size", "num_train_steps", "checkpoint_every", "keep_checkpoints",
                                           "log_every", "mesh_model"))
     check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
     rules.check_sharding_rules(self.param_sharding)
+    rules.check_lr_mults(self.lr_mults)
 
   def replace(self, **kwargs: Any) -> Any:
     return dataclasses.replace(self, **kwargs)
@@ -103,8 +107,6 @@ class TrainConfig(RunConfig):
   grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size must divide)
   learning_rate: float = 3e-5
   num_train_steps: int = 200_000
-  lr_mults: tuple[tuple[str, float], ...] = ()  # (path regex, multiplier): first match scales the
-  # update of a parameter (e.g. ("^encoder/", 0.1)); unmatched parameters keep the full rate
   # Retrieval.
   retrieval: str = "device"  # exact/approx top-k on the mesh, or ScaNN on the host
   approx_top_k: bool = False  # lax.approx_max_k (TPU) instead of exact lax.top_k
@@ -129,7 +131,6 @@ class TrainConfig(RunConfig):
   memory_check: bool = True  # False skips the memory-estimate check (it is an estimate)
 
   def __post_init__(self):
-    object.__setattr__(self, "lr_mults", rules.rule_tuples(self.lr_mults))
     if self.target_slice is not None:
       object.__setattr__(self, "target_slice", slices.canonical(slices.get_slice(self.target_slice).name))
     check_corpus_fields(self)
@@ -143,7 +144,6 @@ class TrainConfig(RunConfig):
     check(self.batch_size % self.grad_accum_steps == 0,
           f"batch_size ({self.batch_size}) must be divisible by grad_accum_steps ({self.grad_accum_steps})")
     check(0.0 <= self.ict_remove_prob <= 1.0, f"ict_remove_prob must be in [0, 1], got {self.ict_remove_prob}")
-    rules.check_lr_mults(self.lr_mults)
 
 
 REQUIRED = "required:"  # `init="required:BERT-base weights ..."`: the experiment names what the user must give
