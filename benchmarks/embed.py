@@ -51,7 +51,7 @@ def _features(corpus, n: int, block_len: int):
   return blocks_doc_inputs(blocks, block_len, corpus.tokenizer())
 
 
-def _models(preset: str, block_len: int):
+def _models(preset: str, block_len: int, dtype: str = "float32"):
   import torch
   import transformers
   from flax import nnx
@@ -60,7 +60,7 @@ def _models(preset: str, block_len: int):
   from realm_jax.convert import hf as hfconv
   from realm_jax.models.retriever import RetrieverEmbedder
 
-  cfg = get_preset(preset, **{"bert.vocab_size": 30522, "block_len": block_len})
+  cfg = get_preset(preset, **{"bert.vocab_size": 30522, "block_len": block_len, "bert.dtype": dtype})
   torch.manual_seed(0)
   hf = transformers.RealmEmbedder(transformers.RealmConfig(**hfconv.hf_config_dict(cfg))).eval()
   ours = RetrieverEmbedder(cfg, rngs=nnx.Rngs(0))
@@ -70,15 +70,16 @@ def _models(preset: str, block_len: int):
   return cfg, ours, hf
 
 
-def _hf_embed(hf, feats, batch: int) -> np.ndarray:
+def _hf_embed(hf, feats, batch: int, dtype: str = "float32") -> np.ndarray:
   import torch
 
   out = []
-  with torch.inference_mode():
+  # bfloat16: PyTorch's CPU autocast (oneDNN bfloat16 matmuls, float32 accumulation) as the peer
+  with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
     for s in range(0, len(feats["input_ids"]), batch):
       args = [torch.from_numpy(feats[k][s:s + batch].astype(np.int64))
               for k in ("input_ids", "attention_mask", "token_type_ids")]
-      out.append(hf(*args).projected_score.numpy())
+      out.append(hf(*args).projected_score.float().numpy())
   return np.concatenate(out)
 
 
@@ -100,13 +101,13 @@ def _best(fn, rounds: int) -> tuple[float, object]:
 
 
 def bench(preset: str, storage, corpus, n: int, batch: int, rounds: int, block_len: int,
-          padded: bool = False) -> dict:
+          padded: bool = False, dtype: str = "float32") -> dict:
   import jax
   import torch
 
   from realm_jax.retrieval.embed import embed_corpus, make_embed_fn
 
-  cfg, ours, hf = _models(preset, block_len)
+  cfg, ours, hf = _models(preset, block_len, dtype)
   feats = _features(corpus, n, block_len)
   fn = make_embed_fn(ours, batch_size=batch)
   t0 = time.perf_counter()
@@ -115,13 +116,13 @@ def bench(preset: str, storage, corpus, n: int, batch: int, rounds: int, block_l
   fn_padded = make_embed_fn(ours, batch_size=batch, bucketing=False) if padded else None
   if fn_padded:
     fn_padded({k: v[:batch] for k, v in feats.items()})
-  _hf_embed(hf, {k: v[:batch] for k, v in feats.items()}, batch)  # warm up
+  _hf_embed(hf, {k: v[:batch] for k, v in feats.items()}, batch, dtype)  # warm up
 
   ours_s = hf_s = padded_s = float("inf")
   for _ in range(rounds):  # alternate, so both see the same machine load
     s, got = _best(lambda: fn(feats), 1)
     ours_s = min(ours_s, s)
-    s, want = _best(lambda: _hf_embed(hf, feats, batch), 1)
+    s, want = _best(lambda: _hf_embed(hf, feats, batch, dtype), 1)
     hf_s = min(hf_s, s)
     if fn_padded:
       padded_s = min(padded_s, _best(lambda: fn_padded(feats), 1)[0])
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
   p.add_argument("--corpus", choices=("wikipedia", "short"), default="wikipedia",
                  help="short: blocks of <= 64 tokens, padded to --block-len")
   p.add_argument("--padded", action="store_true", help="also time ours without length bucketing")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype of both sides (bfloat16: ours `bert.dtype`, HF under torch.autocast)")
   args = p.parse_args(argv)
   if args.block_len < 64 and args.corpus == "short":
     p.error("--corpus short needs --block-len >= 64")
@@ -185,9 +188,10 @@ def main(argv=None) -> int:
         f"{jax.devices()[0].platform} device(s)", flush=True)
   rows = []
   for preset in args.presets:
-    r = bench(preset, storage, corpus, args.blocks, args.batch, args.rounds, args.block_len, args.padded)
+    r = bench(preset, storage, corpus, args.blocks, args.batch, args.rounds, args.block_len, args.padded,
+              args.dtype)
     rows.append(r)
-    print(f"{preset}: ours {r['ours']:.1f} blocks/s, HF RealmEmbedder {r['hf']:.1f} blocks/s, "
+    print(f"{preset} ({args.dtype}): ours {r['ours']:.1f} blocks/s, HF RealmEmbedder {r['hf']:.1f} blocks/s, "
           f"ratio {r['ours'] / r['hf']:.2f}x; real-token GFLOP/s ours {r['ours_gflops']:.1f}, HF "
           f"{r['hf_gflops']:.1f} (mean {r['mean_len']:.0f} real tokens a block); embed_corpus "
           f"{r['corpus']:.1f} blocks/s ({r['corpus_blocks']} blocks incl. reads/features/writes); "

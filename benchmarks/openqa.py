@@ -40,6 +40,8 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--no-hf", action="store_true", help="time ours only (where transformers 4.40.2 is absent)")
   p.add_argument("--whole-batch", action="store_true", help="also time ours without micro-batches")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype of both sides (bfloat16: ours `bert.dtype`, HF under torch.autocast)")
   args = p.parse_args()
   print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}", flush=True)
   if args.devices:
@@ -61,7 +63,8 @@ def main() -> None:
   from realm_jax.storage import Storage
 
   # reader_len = question (<= 14 tokens here) + block: little padding, as with the paper's 64/288/320.
-  cfg = get_preset("tiny", query_len=32, block_len=128, reader_len=144, reader_beam_size=args.reader_beam)
+  cfg = get_preset("tiny", query_len=32, block_len=128, reader_len=144, reader_beam_size=args.reader_beam,
+                   **{"bert.dtype": args.dtype})
   rng = np.random.default_rng(0)
   words = ["river", "castle", "painter", "harbour", "mountain", "library", "festival", "railway", "bridge", "market"]
   tmp = tempfile.mkdtemp(prefix="realm-openqa-bench-")  # the corpus is read lazily: kept to the end
@@ -117,7 +120,8 @@ def main() -> None:
 
   def run_hf():
     out = []
-    with torch.no_grad():
+    # bfloat16: PyTorch's CPU autocast (oneDNN bfloat16 matmuls) as the peer
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
       for ex in questions:
         r = hf(**tokenizer([ex.question], return_tensors="pt"), return_dict=True)
         out.append((r.reader_output.block_idx.item(), r.predicted_answer_ids.tolist()))
@@ -144,8 +148,8 @@ def main() -> None:
     same += o["block_rank"] - 1 == block_idx and block.body_ids[a:b + 1].tolist() == answer_ids
   q = len(questions)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, mesh {dict(mesh.shape)}; torch CPU "
-        f"{torch.get_num_threads()} threads; {n} blocks, tiny config, reader beam {args.reader_beam}, {q} NQ-Open "
-        f"questions; median of {args.rounds} alternating rounds")
+        f"{torch.get_num_threads()} threads; {n} blocks, tiny config ({args.dtype}), reader beam "
+        f"{args.reader_beam}, {q} NQ-Open questions; median of {args.rounds} alternating rounds")
   print(f"ours (Evaluator.answer, batches of {evaluator.batch_size}): {q / ours_s:9.1f} questions/s")
   print(f"HF RealmForOpenQA (1 question/call):       {q / hf_s:9.1f} questions/s")
   if whole:

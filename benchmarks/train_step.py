@@ -137,7 +137,7 @@ def ours_step(cfg, batch, num_blocks, rng):
   return run, breakdown
 
 
-def hf_step(cfg, batch, rng, threads: int):
+def hf_step(cfg, batch, rng, threads: int, dtype: str = "float32"):
   """A zero-argument callable running one HF PyTorch train step."""
   import torch
   import transformers
@@ -157,8 +157,10 @@ def hf_step(cfg, batch, rng, threads: int):
 
   def run():
     opt.zero_grad()
-    scores = scorer(q, candidate_input_ids=cand).relevance_score
-    out = encoder(joint, relevance_score=scores, labels=labels, mlm_mask=mlm_mask)
+    # bfloat16: PyTorch's CPU autocast (oneDNN bfloat16 matmuls; float32 parameters and AdamW)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      scores = scorer(q, candidate_input_ids=cand).relevance_score
+      out = encoder(joint, relevance_score=scores, labels=labels, mlm_mask=mlm_mask)
     out.loss.backward()
     opt.step()
     return None
@@ -166,17 +168,18 @@ def hf_step(cfg, batch, rng, threads: int):
   return run
 
 
-def _worker(side: str, preset: str, batch: int, candidates: int, blocks: int, threads: int, conn) -> None:
+def _worker(side: str, preset: str, batch: int, candidates: int, blocks: int, threads: int, dtype: str,
+            conn) -> None:
   """One side in its own process: builds its step, then answers "step" (seconds of one step),
   "breakdown" (ours: the parts' seconds) and "stop"."""
-  cfg = get_preset(preset, num_candidates=candidates)
+  cfg = get_preset(preset, num_candidates=candidates, **{"bert.dtype": dtype})
   rng = np.random.default_rng(0)
   breakdown = None
   if side == "ours":
     fn, breakdown = ours_step(cfg, batch, blocks, rng)
   else:
     make_inputs(cfg, batch, blocks, rng)  # the same random stream as in one process
-    fn = hf_step(cfg, batch, rng, threads)
+    fn = hf_step(cfg, batch, rng, threads, dtype)
   conn.send("ready")
   while (msg := conn.recv()) != "stop":
     conn.send(_seconds(fn) if msg == "step" else breakdown(msg[1]))
@@ -190,7 +193,7 @@ class _Side:
     ctx = mp.get_context("spawn")
     self.conn, child = ctx.Pipe()
     self.proc = ctx.Process(target=_worker, args=(side, preset, args.batch, args.candidates, args.blocks,
-                                                  args.threads, child), daemon=True)
+                                                  args.threads, args.dtype, child), daemon=True)
     self.proc.start()
     if self.conn.recv() != "ready":
       raise RuntimeError(f"the {side} worker did not start")
@@ -227,6 +230,8 @@ def main() -> None:
   ap.add_argument("--rounds", type=int, default=2, help="turns per side, each in a fresh worker (default 2)")
   ap.add_argument("--same-process", action="store_true",
                   help="run both sides in this process (they interfere: see the module docstring)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="compute dtype of both sides (bfloat16: ours `bert.dtype`, HF under torch.autocast)")
   args = ap.parse_args()
   print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}", flush=True)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {args.batch} queries x "
@@ -235,14 +240,14 @@ def main() -> None:
             "one process, alternating steps" if args.same_process
             else f"each side alone in its own process, {args.rounds} rounds each"))
   for preset in args.presets:
-    cfg = get_preset(preset, num_candidates=args.candidates)
+    cfg = get_preset(preset, num_candidates=args.candidates, **{"bert.dtype": args.dtype})
     warm = {"ours": [], "hf": []}
     times = {"ours": [], "hf": []}
     sides = []
     if args.same_process:
       rng = np.random.default_rng(0)
       ours_fn, breakdown = ours_step(cfg, args.batch, args.blocks, rng)
-      hf_fn = hf_step(cfg, args.batch, rng, args.threads)
+      hf_fn = hf_step(cfg, args.batch, rng, args.threads, args.dtype)
       step = {"ours": functools.partial(_seconds, ours_fn), "hf": functools.partial(_seconds, hf_fn)}
       for side in ("ours", "hf"):
         warm[side] += [step[side]() for _ in range(args.warmup)]
@@ -263,7 +268,7 @@ def main() -> None:
           sides[0].step()
         breakdown = sides[0].breakdown
     t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
-    print(f"\n{preset} ({cfg.query_len} + {cfg.block_len} tokens): ours {args.batch / t_ours:.3f} ex/s "
+    print(f"\n{preset} ({cfg.query_len} + {cfg.block_len} tokens, {args.dtype}): ours {args.batch / t_ours:.3f} ex/s "
           f"({t_ours * 1e3:.0f} ms/step) | HF PyTorch {args.batch / t_hf:.3f} ex/s ({t_hf * 1e3:.0f} ms/step) | "
           f"ratio ours/HF = {t_hf / t_ours:.2f}x")
     for side in ("ours", "hf"):

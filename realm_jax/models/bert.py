@@ -2,7 +2,11 @@
 
 Post-LayerNorm transformer layers, tanh-approximate GELU and LayerNorm epsilon 1e-12 as in the
 original BERT, so that TF and HuggingFace checkpoints load without numerical drift. Parameters are
-float32; `BertConfig.dtype` sets the compute dtype (bfloat16 on TPU).
+float32; `BertConfig.dtype` sets the compute dtype (bfloat16 on TPU). In bfloat16 every matmul
+takes bfloat16 operands and accumulates in float32 (`preferred_element_type`), then rounds its
+result to bfloat16: as the MXU does natively, and on CPUs with AMX the float32-accumulating
+bfloat16 matmul is the one XLA:CPU hands to oneDNN (about 5x the float32 matmul on such a core,
+where a bfloat16-out matmul is slower than float32).
 """
 
 from __future__ import annotations
@@ -21,9 +25,62 @@ _ACT = {
 }
 
 
+def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+  """`lax.dot_general` that accumulates low-precision operands in float32 and returns their dtype.
+  A dense layer's contraction (`x[..., K] @ w[K, N]`) also computes its gradients that way."""
+  if _accumulator(lhs.dtype) == lhs.dtype or preferred_element_type is not None or kw.get("out_sharding"):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kw)
+  if dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2 and lhs.dtype == rhs.dtype:
+    return _dense_matmul(lhs, rhs)
+  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+  return out.astype(lhs.dtype)
+
+
+def _matmul_f32(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+@jax.custom_vjp
+def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x[..., K] @ w[K, N]` in x's dtype with a float32 accumulator, forward and backward: autodiff
+  of a float32-accumulating matmul would give float32 cotangents and mixed-dtype gradient matmuls,
+  which XLA:CPU runs in float32."""
+  return _matmul_f32(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_matmul_fwd(x, w):
+  return _dense_matmul(x, w), (x, w)
+
+
+def _dense_matmul_bwd(res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  dx = _matmul_f32(g, w, (((g.ndim - 1,), (1,)), ((), ())))  # g @ w.T
+  lead = tuple(range(x.ndim - 1))
+  dw = _matmul_f32(x, g, ((lead, lead), ((), ())))  # x.T @ g over every leading axis
+  return dx, dw
+
+
+_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+def _accumulator(dtype) -> jnp.dtype:
+  return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """Two-operand `jnp.einsum` in the operands' dtype; bfloat16 operands accumulate in float32.
+  Its gradient is autodiff's (float32 cotangents): XLA:CPU has no bfloat16 x bfloat16 -> float32
+  kernel for some of the batched transposes."""
+  return jnp.einsum(spec, a, b, preferred_element_type=_accumulator(a.dtype)).astype(a.dtype)
+
+
 def _dense(cfg: BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, dtype=jnp.dtype(cfg.dtype),
-                    kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+  dtype = jnp.dtype(cfg.dtype)
+  return nnx.Linear(d_in, d_out, dtype=dtype, kernel_init=nnx.initializers.normal(cfg.initializer_range),
+                    dot_general=accumulating_dot_general if dtype.itemsize < 4 else jax.lax.dot_general,
+                    rngs=rngs)
 
 
 def _norm(cfg: BertConfig, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -87,12 +144,12 @@ class SelfAttention(nnx.Module):
       ctx = jax.nn.dot_product_attention(q, k, v, mask=attention_mask[:, None, None, :] > 0)
       return self.output(ctx.reshape(b, n, h))
     # Written out (CPU, or attention dropout in training, which dot_product_attention lacks).
-    scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // self.num_heads).astype(q.dtype)
+    scores = einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // self.num_heads).astype(q.dtype)
     # Additive mask in float32, as BERT: padded keys get the most negative finite value.
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
     probs = self.dropout(probs)
-    ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, n, h)
+    ctx = einsum("bnqk,bknd->bqnd", probs, v).reshape(b, n, h)
     return self.output(ctx)
 
 
