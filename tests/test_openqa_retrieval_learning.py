@@ -16,7 +16,10 @@ recall stays at 0.875: the test fails.
 The reader learns to answer with a city of the biography (exact match 0 -> 0.5), but in these
 80 steps it does not learn to tell birth from burial: 0.5 is what a reader that ignores the
 question reaches here (a 40-step run of a "died" variant with the question hidden from the
-reader reached the same exact match as one that saw it).
+reader reached the same exact match as one that saw it). Nor in 200 steps with the span head at
+20x and the rest of the reader at 4x the rate (`lr_mults`: exact match 0.47, the same answer to
+both questions of 15 of the 16 people); a rate of 2e-4 or 5e-4 for everything collapses retrieval
+(recall@1 0.875 -> 0.09 / 0.125).
 """
 
 import json
