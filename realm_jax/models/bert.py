@@ -4,9 +4,9 @@ Post-LayerNorm transformer layers, tanh-approximate GELU and LayerNorm epsilon 1
 original BERT, so that TF and HuggingFace checkpoints load without numerical drift. Parameters are
 float32; `BertConfig.dtype` sets the compute dtype (bfloat16 on TPU). In bfloat16 every matmul
 takes bfloat16 operands and accumulates in float32 (`preferred_element_type`), then rounds its
-result to bfloat16: as the MXU does natively, and on CPUs with AMX the float32-accumulating
-bfloat16 matmul is the one XLA:CPU hands to oneDNN (about 5x the float32 matmul on such a core,
-where a bfloat16-out matmul is slower than float32).
+result to bfloat16, as TPU and GPU matmul units do natively. On a CPU with AMX, XLA:CPU runs the
+float32-accumulating bfloat16 matmul at about 5x its float32 one, and a bfloat16-out one slower
+than float32.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, prefer
   return out.astype(lhs.dtype)
 
 
-def _matmul_f32(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+def _accumulated(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  """`dot_general` of low-precision operands with a float32 accumulator, rounded to their dtype."""
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
@@ -46,7 +47,7 @@ def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """`x[..., K] @ w[K, N]` in x's dtype with a float32 accumulator, forward and backward: autodiff
   of a float32-accumulating matmul would give float32 cotangents and mixed-dtype gradient matmuls,
   which XLA:CPU runs in float32."""
-  return _matmul_f32(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+  return _accumulated(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def _dense_matmul_fwd(x, w):
@@ -56,9 +57,9 @@ def _dense_matmul_fwd(x, w):
 def _dense_matmul_bwd(res, g):
   x, w = res
   g = g.astype(x.dtype)
-  dx = _matmul_f32(g, w, (((g.ndim - 1,), (1,)), ((), ())))  # g @ w.T
+  dx = _accumulated(g, w, (((g.ndim - 1,), (1,)), ((), ())))  # g @ w.T
   lead = tuple(range(x.ndim - 1))
-  dw = _matmul_f32(x, g, ((lead, lead), ((), ())))  # x.T @ g over every leading axis
+  dw = _accumulated(x, g, ((lead, lead), ((), ())))  # x.T @ g over every leading axis
   return dx, dw
 
 
@@ -77,10 +78,8 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _dense(cfg: BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-  dtype = jnp.dtype(cfg.dtype)
-  return nnx.Linear(d_in, d_out, dtype=dtype, kernel_init=nnx.initializers.normal(cfg.initializer_range),
-                    dot_general=accumulating_dot_general if dtype.itemsize < 4 else jax.lax.dot_general,
-                    rngs=rngs)
+  return nnx.Linear(d_in, d_out, dtype=jnp.dtype(cfg.dtype), dot_general=accumulating_dot_general,
+                    kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
 
 
 def _norm(cfg: BertConfig, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
