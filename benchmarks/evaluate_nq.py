@@ -45,6 +45,7 @@ def main() -> None:
 
   work = args.workdir or tempfile.mkdtemp(prefix="evaluate-nq-")
   root = os.path.join(work, "run")
+  print(f"work directory (kept, reused by --workdir): {work}", flush=True)
   if not os.path.exists(os.path.join(root, "corpus")):
     t0 = time.perf_counter()
     cli("corpus", "build", "--input", str(sources.wikipedia_excerpt()), "--storage", root, "--block-len", "128",
