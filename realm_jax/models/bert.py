@@ -33,13 +33,12 @@ def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, prefer
                                preferred_element_type=preferred_element_type, **kw)
   if dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2 and lhs.dtype == rhs.dtype:
     return _dense_matmul(lhs, rhs)
-  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
-  return out.astype(lhs.dtype)
+  return _accumulated(lhs, rhs, dimension_numbers, precision)
 
 
-def _accumulated(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+def _accumulated(a: jax.Array, b: jax.Array, dims, precision=None) -> jax.Array:
   """`dot_general` of low-precision operands with a float32 accumulator, rounded to their dtype."""
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 @jax.custom_vjp
