@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from realm_jax.config import BertConfig
+from realm_jax.models.attention import accumulator as _accumulator, attend
 from realm_jax.models.dropout import Dropout
 
 _ACT = {
@@ -63,17 +64,6 @@ def _dense_matmul_bwd(res, g):
 
 
 _dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
-
-
-def _accumulator(dtype) -> jnp.dtype:
-  return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
-
-
-def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """Two-operand `jnp.einsum` in the operands' dtype; bfloat16 operands accumulate in float32.
-  Its gradient is autodiff's (float32 cotangents): XLA:CPU has no bfloat16 x bfloat16 -> float32
-  kernel for some of the batched transposes."""
-  return jnp.einsum(spec, a, b, preferred_element_type=_accumulator(a.dtype)).astype(a.dtype)
 
 
 def _dense(cfg: BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -141,14 +131,17 @@ class SelfAttention(nnx.Module):
       # Masked keys get a large negative logit: probabilities exactly 0, as BERT's additive mask.
       ctx = jax.nn.dot_product_attention(q, k, v, mask=attention_mask[:, None, None, :] > 0)
       return self.output(ctx.reshape(b, n, h))
-    # Written out (CPU, or attention dropout in training, which dot_product_attention lacks).
-    scores = einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(h // self.num_heads).astype(q.dtype)
+    # Written out (CPU, or attention dropout in training, which dot_product_attention lacks), in
+    # [batch, heads, L, d] with a hand-written backward (`attention.py`).
+    def heads_first(t):
+      return t.transpose(0, 2, 1, 3)
+    q = q * jnp.asarray(1.0 / (h // self.num_heads) ** 0.5, q.dtype)
     # Additive mask in float32, as BERT: padded keys get the most negative finite value.
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
-    probs = self.dropout(probs)
-    ctx = einsum("bnqk,bknd->bqnd", probs, v).reshape(b, n, h)
-    return self.output(ctx)
+    dropout = self.dropout.mask((b, self.num_heads, n, n))
+    mask, inv_keep = (None, 1.0) if dropout is None else (dropout[0], 1.0 / dropout[1])
+    ctx = attend(heads_first(q), heads_first(k), heads_first(v), bias, mask, jnp.float32(inv_keep))
+    return self.output(heads_first(ctx).reshape(b, n, h))
 
 
 class BertLayer(nnx.Module):

@@ -71,12 +71,11 @@ def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.
 class Dropout(nnx.Dropout):
   """`nnx.Dropout` (same arguments, same `deterministic` and `rngs` handling) with hashed uniforms."""
 
-  def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
-    deterministic = self.deterministic if deterministic is None else deterministic
-    if self.rate == 0.0 or deterministic:
-      return inputs
-    if self.rate == 1.0:
-      return jnp.zeros_like(inputs)
+  def mask(self, shape: tuple[int, ...], *, rngs=None) -> tuple[jax.Array, float] | None:
+    """(keep mask of `shape`, P(keep)) for a caller that applies it itself, or None when this
+    layer would not drop anything (rate 0, or deterministic)."""
+    if self.rate == 0.0 or self.deterministic:
+      return None
     rngs = self.rngs if rngs is None else rngs
     if isinstance(rngs, rnglib.Rngs):
       key = rngs[self.rng_collection]()
@@ -84,9 +83,17 @@ class Dropout(nnx.Dropout):
       key = rngs()
     else:
       key = rngs
+    return keep_mask(key, self.rate, tuple(shape))
+
+  def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
     shape = list(inputs.shape)
     for dim in self.broadcast_dims:
       shape[dim] = 1
-    mask, keep = keep_mask(key, self.rate, tuple(shape))
+    mask, keep = self.mask(tuple(shape), rngs=rngs)
     mask = jnp.broadcast_to(mask, inputs.shape)
     return jax.lax.select(mask, inputs / jnp.asarray(keep, inputs.dtype), jnp.zeros_like(inputs))
