@@ -67,6 +67,7 @@ class Recipe:
   # (seed 0, lr 3e-4: recall@8 0.396 -> 0.167, utility -0.87; both towers moved 7-10% and drifted
   # apart; lr 1e-4 did not clear the test's thresholds): separate towers need more than this recipe.
   towers_start_equal: bool = False
+  doc_lr_mult: float = 1.0  # separate towers: the document tower's learning-rate multiplier
   queries_in_knowledge: bool = False  # queries drawn from the retrieval corpus itself (own block excluded)
   ict_steps: int = 0  # > 0: the retriever starts from that many steps of ICT (the real Trainer)
   ict_lr: float = 1e-4
@@ -213,7 +214,8 @@ def _pretrain(start: _Start, recipe: Recipe, root_name: str, t0: float) -> Resul
   cfg = TrainConfig(model=start.model_cfg, task="realm",
                     query_corpus_prefix=None if recipe.queries_in_knowledge else "queries", max_masks=mm,
                     batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-                    lr_mults=(("^encoder/", recipe.encoder_lr_mult),), num_train_steps=recipe.steps,
+                    lr_mults=(("^encoder/", recipe.encoder_lr_mult),
+                              ("^retriever/doc_embedder/", recipe.doc_lr_mult)), num_train_steps=recipe.steps,
                     warmup_steps=max(1, recipe.steps // 10), index_refresh="sync",
                     sync_refresh_every=recipe.refresh_every, log_every=1, checkpoint_every=10_000,
                     async_checkpointing=False, init=str(workdir / "init"),
