@@ -93,3 +93,11 @@ def test_the_mask_does_not_depend_on_the_mesh():
   eight = jax.jit(lambda k, x: Dropout(0.1)(x, rngs=k))(key, xs)
   assert eight.sharding.is_equivalent_to(xs.sharding, x.ndim)  # the output keeps the sharding
   np.testing.assert_array_equal(np.asarray(eight), one)
+
+
+def test_rate_one_keeps_nothing_in_the_layer_and_its_mask():
+  x = jnp.ones((4, 8, 8))
+  layer = Dropout(1.0, rngs=nnx.Rngs(dropout=0))
+  np.testing.assert_array_equal(np.asarray(layer(x)), 0.0)
+  mask, keep = layer.mask(x.shape)
+  assert not np.asarray(mask).any() and keep == 1.0

@@ -8,7 +8,7 @@ Tolerances: arguments are exact byte counts in the estimate (parameters, AdamW m
 block-token row shards, batch), off only by scalar step counters, RNG keys and small batch fields,
 so 4 KiB (missing one block-token table, 415 KB here, fails it). Temporaries depend on XLA's fusion and
 buffer-liveness decisions, which the estimate models as per-layer residual tensors; 25% is the
-margin the docs quote for the estimate (the measured ratios are 0.93-1.05, benchmarks/README.md).
+margin the docs quote for the estimate (the measured ratios are 0.81-1.12, benchmarks/README.md).
 """
 
 import os

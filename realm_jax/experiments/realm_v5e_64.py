@@ -3,10 +3,11 @@
 
 realm_wiki_base (the paper's batch 512) run as 8 micro-batches of 64, i.e. 1 example per chip per
 micro-step; the optimizer batch stays 512. train/memory.py's estimate with the 13,353,718-block
-Wikipedia index: 12.4 GiB per device (params 0.8, AdamW + accumulated gradients 2.4, gradients
-0.8, index 0.1, block tokens 0.4, activations 7.8 GiB for 1 example), 78% of the 16 GiB; 4
-micro-batches (2 per chip) would need 20.2 GiB. The trainer checks the slice and the estimate at
-start (`target_slice`). A v5e refresher: a single-host v5litepod-8 next to it.
+Wikipedia index: 9.1 GiB per device (params 0.8, AdamW + accumulated gradients 2.4, gradients
+0.8, index 0.1, block tokens 0.1, activations 4.8 GiB for 1 example), 57% of the 16 GiB; 4
+micro-batches (2 per chip) would need 13.9 GiB (87%), which the estimate, not yet checked on a
+TPU, leaves too little margin for. The trainer checks the slice and the estimate at start
+(`target_slice`). A v5e refresher: a single-host v5litepod-8 next to it.
 """
 
 from realm_jax.train.config import load_config

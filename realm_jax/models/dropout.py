@@ -2,9 +2,9 @@
 
 `nnx.Dropout` draws one float32 uniform per element from threefry. Most of a BERT's masks are the
 attention probabilities' (`[batch, heads, L, L]`), and on XLA:CPU generating their bits takes
-longer than the layer's matmuls: one `[16, 12, 384, 384]` mask applied to its input took 378 ms
-with `nnx.Dropout`, 239 ms with threefry's 32-bit words cut into two 16-bit uniforms, and 37 ms
-with this layer, of which 32 ms is the select itself (`benchmarks/dropout_mask.py`).
+longer than the layer's matmuls: one `[16, 12, 384, 384]` mask applied to its input took 384 ms
+with `nnx.Dropout`, 226 ms with threefry's 32-bit words cut into two 16-bit uniforms, and 39 ms
+with this layer, of which 31 ms is the select itself (`benchmarks/dropout_mask.py`).
 
 Here each element's 32-bit uniform is a counter-based hash (as Philox and threefry are, with a
 cheaper function): threefry draws two seed words from the layer's key, and the element at
@@ -73,9 +73,12 @@ class Dropout(nnx.Dropout):
 
   def mask(self, shape: tuple[int, ...], *, rngs=None) -> tuple[jax.Array, float] | None:
     """(keep mask of `shape`, P(keep)) for a caller that applies it itself, or None when this
-    layer would not drop anything (rate 0, or deterministic)."""
+    layer would not drop anything (rate 0, or deterministic). At rate 1 nothing is kept (P(keep)
+    is returned as 1 so that callers' scaling stays finite)."""
     if self.rate == 0.0 or self.deterministic:
       return None
+    if self.rate == 1.0:
+      return jnp.zeros(shape, jnp.bool_), 1.0
     rngs = self.rngs if rngs is None else rngs
     if isinstance(rngs, rnglib.Rngs):
       key = rngs[self.rng_collection]()

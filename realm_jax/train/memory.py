@@ -68,7 +68,7 @@ def _per_sequence(b: BertConfig, seq_len: int, dropout: bool) -> tuple[int, int]
   drop = 1 if dropout and b.dropout_rate > 0 else 0
   gelu = 6 if b.hidden_act == "gelu_new" else 4 if b.hidden_act == "gelu" else 2
   per_token = (5 * h + gelu * i) * s + 6 * h * 4 + 2 * drop * h
-  attention = a * n * (3 * 4 + s + drop)
+  attention = a * n * (s + drop)
   embeddings = n * (3 * h * 4 + h * (s + drop))  # LayerNorm (float32), dropout output and mask
   return n * (per_token + attention), embeddings
 
@@ -79,10 +79,9 @@ def bert_activation_bytes(b: BertConfig, seq_len: int, remat: bool = False, drop
   Per layer and token (`jax._src.ad_checkpoint.saved_residuals` of `models/bert.py`): q, k, v,
   context and the LayerNorm-1 output (5 x hidden) plus the GELU input and its intermediates
   (6 x intermediate for tanh-GELU, 4 for erf-GELU) in the compute dtype; two LayerNorms x 3
-  hidden-sized float32 tensors; two 1-byte dropout masks. Per head and key: a 1-byte dropout mask,
-  the dropped probabilities in the compute dtype and three float32 tensors (scores, exponentials,
-  probabilities): autodiff names only the exponentials, but XLA's buffer assignment (CPU, measured
-  by tests/test_memory_estimate.py) keeps about two more attention-sized float32 buffers per layer.
+  hidden-sized float32 tensors; two 1-byte dropout masks. Per head and key: what the attention's
+  hand-written backward saves (`models/attention.py`), the probabilities in the compute dtype and
+  a 1-byte dropout mask (XLA:CPU measured by tests/test_memory_estimate.py: within 25%).
   With `remat`, only each layer's input is kept (add `bert_layer_bytes` for the layer recomputed).
   """
   layer, embeddings = _per_sequence(b, seq_len, dropout)
