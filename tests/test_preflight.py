@@ -18,8 +18,8 @@ from realm_jax.train import memory, preflight
 from realm_jax.train.config import TrainConfig, load_config
 
 WIKIPEDIA_BLOCKS = 13_353_718
-POD_CONFIGS = {"realm_v4_32": ("v4-32", 16), "ict_v4_32": ("v4-32", 8), "realm_v5e_64": ("v5litepod-64", 8),
-               "ict_v5e_64": ("v5litepod-64", 4)}
+POD_CONFIGS = {"realm_v4_32": ("v4-32", 8), "ict_v4_32": ("v4-32", 4), "realm_v5e_64": ("v5litepod-64", 4),
+               "ict_v5e_64": ("v5litepod-64", 2)}
 
 
 @pytest.mark.parametrize("name", sorted(POD_CONFIGS))
