@@ -17,6 +17,11 @@ to 11-16 s after HF's first steps, and kept slowing, while HF's stayed at ~10.2 
 re-faults ~2 million pages (~8 GB) of temporaries every step, and with HF's ~5 GB held next to
 it those faults got slower. The ratio then measured that interference, not either step.
 `--same-process` keeps the one-process alternation for comparison.
+
+Both sides' workers start with the same glibc malloc settings: by default (`--malloc kept`) those
+of `realm_jax.host_memory`, which the `realm-jax` command applies to itself (freed memory kept for
+reuse rather than unmapped); `--malloc system` gives both glibc's defaults. Each side's timed line
+ends with its page faults and kernel seconds per step.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
 import statistics
 import time
 
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from realm_jax import host_memory
 from realm_jax.config import get_preset
 from realm_jax.convert.hf import hf_config_dict
 from realm_jax.data.masking import Specials
@@ -182,7 +189,13 @@ def _worker(side: str, preset: str, batch: int, candidates: int, blocks: int, th
     fn = hf_step(cfg, batch, rng, threads, dtype)
   conn.send("ready")
   while (msg := conn.recv()) != "stop":
-    conn.send(_seconds(fn) if msg == "step" else breakdown(msg[1]))
+    if msg == "step":
+      r0 = resource.getrusage(resource.RUSAGE_SELF)
+      t = _seconds(fn)
+      r1 = resource.getrusage(resource.RUSAGE_SELF)
+      conn.send((t, r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime))
+    else:
+      conn.send(breakdown(msg[1]))
 
 
 class _Side:
@@ -192,6 +205,7 @@ class _Side:
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     self.conn, child = ctx.Pipe()
+    self.kernel: list[tuple[int, float]] = []
     self.proc = ctx.Process(target=_worker, args=(side, preset, args.batch, args.candidates, args.blocks,
                                                   args.threads, args.dtype, child), daemon=True)
     self.proc.start()
@@ -199,8 +213,11 @@ class _Side:
       raise RuntimeError(f"the {side} worker did not start")
 
   def step(self) -> float:
+    """Seconds of one step; its page faults and kernel seconds go to `kernel` ([faults, s])."""
     self.conn.send("step")
-    return self.conn.recv()
+    t, faults, sys_s = self.conn.recv()
+    self.kernel.append((faults, sys_s))
+    return t
 
   def breakdown(self, iters: int) -> dict[str, float]:
     self.conn.send(("breakdown", iters))
@@ -230,19 +247,30 @@ def main() -> None:
   ap.add_argument("--rounds", type=int, default=2, help="turns per side, each in a fresh worker (default 2)")
   ap.add_argument("--same-process", action="store_true",
                   help="run both sides in this process (they interfere: see the module docstring)")
+  ap.add_argument("--malloc", choices=("kept", "system"), default="kept",
+                  help="glibc malloc of both sides' workers: `kept` (realm_jax.host_memory's settings, as "
+                  "the realm-jax command runs) or the system default (every step faults its temporaries in)")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                   help="compute dtype of both sides (bfloat16: ours `bert.dtype`, HF under torch.autocast)")
   args = ap.parse_args()
+  # Both sides' workers start with the same allocator settings (read by glibc when a process starts).
+  os.environ.pop("GLIBC_TUNABLES", None)
+  if args.malloc == "kept":
+    os.environ.update(host_memory.child_environment())
   print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}", flush=True)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; batch {args.batch} queries x "
         f"{args.candidates} candidates; index {args.blocks} blocks; {args.warmup} warm-up steps, then "
         f"{args.iters} timed steps per side; torch threads {args.threads}; " + (
             "one process, alternating steps" if args.same_process
-            else f"each side alone in its own process, {args.rounds} rounds each"))
+            else f"each side alone in its own process, {args.rounds} rounds each") +
+        f"; malloc {args.malloc}" + (
+            "" if args.same_process or args.malloc == "system" or "GLIBC_TUNABLES" in os.environ
+            else " (not applied on this host: see realm_jax/host_memory.py)"))
   for preset in args.presets:
     cfg = get_preset(preset, num_candidates=args.candidates, **{"bert.dtype": args.dtype})
     warm = {"ours": [], "hf": []}
     times = {"ours": [], "hf": []}
+    kernel = {"ours": [], "hf": []}  # (page faults, kernel seconds) of each timed step
     sides = []
     if args.same_process:
       rng = np.random.default_rng(0)
@@ -261,6 +289,7 @@ def main() -> None:
           worker = _Side(side, preset, args)
           warm[side] += [worker.step() for _ in range(args.warmup)]
           times[side] += [worker.step() for _ in range(n)]
+          kernel[side] += worker.kernel[-n:] if n else []
           worker.close()
       if args.breakdown:  # a fresh worker of ours, after the timed rounds, alone
         sides.append(_Side("ours", preset, args))
@@ -274,7 +303,9 @@ def main() -> None:
     for side in ("ours", "hf"):
       ts = times[side]
       print(f"  {side:4s} warm-up ms: {_fmt(warm[side]):>16s} | timed ms: {_fmt(ts)} | slowest/fastest "
-            f"{max(ts) / min(ts):.2f}")
+            f"{max(ts) / min(ts):.2f}" + (f" | per step: {statistics.median(f for f, _ in kernel[side]):,.0f} page "
+                                          f"faults, {statistics.median(k for _, k in kernel[side]):.2f} s in the kernel"
+                                          if kernel[side] else ""))
     if args.breakdown:
       parts = breakdown(args.iters)
       total = sum(parts.values())

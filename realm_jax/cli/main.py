@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from realm_jax import logs
+from realm_jax import host_memory, logs
 from realm_jax.errors import RealmError
 
 # Sub-command modules, in the order `--help` lists them (`pretrain` also registers `ict`,
@@ -60,6 +60,8 @@ def check_uris(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs one sub-command; a RealmError becomes one line `realm-jax <cmd>: error: ...` and exit 2."""
+  if argv is None:  # the command itself, before any thread exists (`host_memory`)
+    host_memory.keep_freed_memory()
   parser = build_parser()
   args = parser.parse_args(argv)
   if not getattr(args, "func", None):
