@@ -3,9 +3,9 @@
 XLA:CPU allocates an executable's temporaries on every call and frees them when it returns; for a
 training step they are gigabytes. glibc's malloc serves every block above 32 MB with a fresh
 `mmap` and unmaps it on `free`, so each step faults in, and the kernel zeroes, every page of its
-temporaries again. On the MiniLM REALM step (2 queries x 8 candidates, 2 cores) that was 1.7
-million page faults and ~4 s of kernel time per step of ~11 s; with the settings below it is none
-after the second step, and the step takes ~8 s (`python benchmarks/train_step.py --malloc ...`
+temporaries again. On the MiniLM REALM step (2 queries x 8 candidates, 2 cores) that was 1.6
+million page faults and 3.9 s of kernel time per 11.3 s step; with the settings below, 40
+thousand and 0.14 s, and the step took 8.9 s (`python benchmarks/train_step.py --malloc ...`
 compares both).
 
 The settings: no `mmap` for large blocks (`M_MMAP_MAX` 0), never return the heap's top to the
