@@ -1,10 +1,17 @@
 """Test-session setup: 8 emulated CPU devices (set before JAX is imported) and shared fixtures."""
 
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Triton (the GPU compiler that CUDA builds of torch install) segfaults while loading its LLVM in a
+# process that has loaded TensorFlow's (`import tensorflow; import triton` crashes on its own).
+# Collection imports TensorFlow (the TF-checkpoint tests, ScaNN's package) into every worker, and
+# `transformers` pulls in `torch._dynamo`, which imports triton if it is installed. The CPU oracle
+# tests never need it, so it stays unimportable here.
+sys.modules.setdefault("triton", None)
 from tests.fixtures.corpora import *  # noqa: E402,F401,F403  (corpus_root, corpus_seed)
 from tests.fixtures.gcs import *  # noqa: E402,F401,F403  (gcs_server, storage_root, shared_storage_root)
 
