@@ -8,7 +8,7 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Triton (the GPU compiler that CUDA builds of torch install) segfaults while loading its LLVM in a
 # process that has loaded TensorFlow's (`import tensorflow; import triton` crashes on its own).
-# Collection imports TensorFlow (the TF-checkpoint tests, ScaNN's package) into every worker, and
+# Collection imports TensorFlow (test_convert_tf, test_convert_index) into every worker, and
 # `transformers` pulls in `torch._dynamo`, which imports triton if it is installed. The CPU oracle
 # tests never need it, so it stays unimportable here.
 sys.modules.setdefault("triton", None)
