@@ -12,6 +12,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # `transformers` pulls in `torch._dynamo`, which imports triton if it is installed. The CPU oracle
 # tests never need it, so it stays unimportable here.
 sys.modules.setdefault("triton", None)
+# One persistent XLA compilation cache for the whole session (the pytest workers and every process a
+# test starts inherit it): dozens of tests start `realm-jax` processes that compile the same smoke
+# programs, and a hit takes the first step's ~15 s of compilation to ~6 s. A test that needs its own
+# cache sets the variable for its processes. Removed when the process that made it exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  _xla_cache = tempfile.mkdtemp(prefix="realm-jax-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+  atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 from tests.fixtures.corpora import *  # noqa: E402,F401,F403  (corpus_root, corpus_seed)
 from tests.fixtures.gcs import *  # noqa: E402,F401,F403  (gcs_server, storage_root, shared_storage_root)
 
@@ -19,7 +31,7 @@ from tests.fixtures.gcs import *  # noqa: E402,F401,F403  (gcs_server, storage_r
 # last keeps one worker busy minutes after the other has run out of tests.
 SLOWEST_FIRST = (
     "test_realm_learning.py::", "test_openqa_retrieval_learning.py::", "test_demo.py::test_demo_quick",
-    "test_multihost.py::test_four_hosts", "test_pod_rehearsal.py::", "test_one_line_errors.py::test_ctrl_c",
+    "test_multihost.py::test_four_processes", "test_pod_rehearsal.py::", "test_one_line_errors.py::test_ctrl_c",
     "test_stage_chain.py::",
 )
 
