@@ -27,14 +27,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 from tests.fixtures.corpora import *  # noqa: E402,F401,F403  (corpus_root, corpus_seed)
 from tests.fixtures.gcs import *  # noqa: E402,F401,F403  (gcs_server, storage_root, shared_storage_root)
 
-# The slowest tests (a few minutes each on 2 cores) run first: with `-n 2`, one of them started
-# last keeps one worker busy minutes after the other has run out of tests.
+# The slowest tests (one to five minutes each on 2 cores), longest first, run before all others:
+# with `-n 2`, one of them started last keeps one worker busy minutes after the other has run out.
 SLOWEST_FIRST = (
-    "test_realm_learning.py::", "test_openqa_retrieval_learning.py::", "test_demo.py::test_demo_quick",
-    "test_multihost.py::test_four_processes", "test_pod_rehearsal.py::", "test_one_line_errors.py::test_ctrl_c",
-    "test_stage_chain.py::",
+    "test_realm_learning.py::", "test_openqa_retrieval_learning.py::", "test_pod_rehearsal.py::",
+    "test_multihost.py::test_four_processes", "test_refresh_faults.py::test_refresher_kills",
+    "test_demo.py::test_demo_quick", "test_openqa_learning.py::", "test_chaos.py::", "test_stage_chain.py::",
+    "test_refresh_kill_multihost.py::", "test_multihost.py::test_each_process", "test_one_line_errors.py::test_ctrl_c",
 )
 
 
+def _rank(nodeid: str) -> int:
+  return next((i for i, s in enumerate(SLOWEST_FIRST) if s in nodeid), len(SLOWEST_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
-  items.sort(key=lambda item: not any(s in item.nodeid for s in SLOWEST_FIRST))  # stable: otherwise in file order
+  items.sort(key=lambda item: _rank(item.nodeid))  # stable: otherwise in file order
