@@ -48,7 +48,7 @@ class Recipe:
   copy_lr: float = 1e-3
   hedge_lr: float = 2e-4  # calibrates the copier's confidence without undoing the copying
   num_candidates: int = 24
-  steps: int = 60
+  steps: int = 45  # 30 is too few: utility over the last 10 steps +0.43 / -0.17 / +0.46 for seeds 0-2
   batch_size: int = 32
   learning_rate: float = 3e-4
   encoder_lr_mult: float = 0.1
