@@ -274,8 +274,10 @@ def test_install_from_pypi_ships_only_the_configs(tmp_path):
 
 STAND_IN = """#!{python}
 import json, os, sys, time
-print(json.dumps({{"argv": sys.argv[1:], "foo": os.environ.get("FOO"), "cwd": os.getcwd()}}),
-      flush=True)
+# One write() per record: the job and its log shipper share the log file, and print() under
+# PYTHONUNBUFFERED=1 writes the text and its newline in two calls that the other process can split.
+os.write(1, (json.dumps({{"argv": sys.argv[1:], "foo": os.environ.get("FOO"), "cwd": os.getcwd()}})
+             + "\\n").encode())
 time.sleep(float(os.environ.get("STAND_IN_SECONDS", "0")))
 """
 
@@ -330,7 +332,8 @@ def test_launch_pretrain_runs_detached_with_a_log_per_worker(tmp_path):
     assert "worker 3: started realm-jax pretrain" in started.stdout
     log = logs / "pretrain-worker-3.log"
     deadline = time.time() + 30
-    while len(log.read_text().splitlines()) < 2 and time.time() < deadline:
+    while not (log.read_text().count("\n") >= 2 and log.read_text().endswith("\n")) \
+        and time.time() < deadline:
       time.sleep(0.05)
     records = {r["argv"][0]: r for r in map(json.loads, log.read_text().splitlines())}
     assert records["pretrain"] == {"argv": ["pretrain", "--config", "experiments/paper.py", "--storage",
