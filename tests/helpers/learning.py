@@ -71,7 +71,13 @@ class Recipe:
   # document tower (0.1; seed 0, lr 3e-4) did not learn either: recall@8 0.396 -> 0.167, utility
   # -1.20; the query tower moved 7% and drifted from the document tower (0.9%). After 40 ICT steps
   # (lr 3e-4, ICT accuracy 0.16), doc 0.3: at lr 1e-4 recall@8 0.479 -> 0.562 but utility -0.29;
-  # at lr 3e-4 recall@8 0.479 -> 0.333 (utility -0.25).
+  # at lr 3e-4 recall@8 0.479 -> 0.333 (utility -0.25). Doc 1.0 after the same ICT: lr 1e-4 0.479 ->
+  # 0.562 (utility -0.16); 80 ICT steps (still 0.16) 0.469 -> 0.479; lr 2e-4 0.479 -> 0.146. ICT from
+  # two random separate towers does not learn either (150 steps at 1e-3: accuracy 2/32), and REALM
+  # after it collapses (p(z|x) entropy 3.1 -> 0.5-1.0). Several failed runs end at recall@8 ~8/48,
+  # what one fixed set of 8 blocks for every query scores: the tiny towers' embeddings share one
+  # dominant direction, so the document tower's gradient (the query embeddings, weighted by how much
+  # each candidate helped) mostly raises the helpful blocks' scores for every query at once.
   doc_lr_mult: float = 1.0
   queries_in_knowledge: bool = False  # queries drawn from the retrieval corpus itself (own block excluded)
   ict_steps: int = 0  # > 0: the retriever starts from that many steps of ICT (the real Trainer)
