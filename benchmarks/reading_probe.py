@@ -1,14 +1,15 @@
 """Does the packaged MiniLM read before any reading warm start? Held-out reading accuracy on the demo.
 
 One command: `python benchmarks/reading_probe.py [--layers 2 6] [--workdir DIR]`.
-Builds the demo's corpus (the Wikipedia excerpt's article leads, 128-token blocks; cached in
-`--workdir`) and its reading queries (`realm_jax/demo/reading.py`: a sentence with one salient
-span masked, held-out blocks only), loads the first N layers of MiniLM into the knowledge-augmented
-encoder, and measures the masked-span accuracy reading an answer-bearing block and the null
-document, with the MLM head as `init` leaves it (random: MiniLM ships none) and with an identity
-head (its dense layer the identity, its bias and the output bias 0 but for the special tokens, so
-the logits are the GELU'd, normalised hidden state against the tied word embeddings). An encoder
-that reads scores clearly higher with the answer-bearing block than with the null document.
+Builds the demo's corpus (the Wikipedia excerpt's article leads, 128-token blocks) in `--workdir`,
+or reads it there when that is a `realm-jax demo` work directory that has one, and its reading
+queries (`realm_jax/demo/reading.py`: a sentence with one salient span masked; held-out blocks),
+loads the first N layers of MiniLM into the knowledge-augmented encoder, and measures the
+masked-span accuracy reading an answer-bearing block and the null document, with the MLM head as
+`init` leaves it (random: MiniLM ships none) and with an identity head (its dense layer the
+identity, its bias and the output bias 0 but for the special tokens, so the logits are the
+GELU'd, normalised hidden state against the tied word embeddings). An encoder that reads scores
+clearly higher with the answer-bearing block than with the null document.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from flax import nnx
 
 from realm_jax.config import get_preset
 from realm_jax.convert import hf as hfconv
+from realm_jax.data.corpus import CorpusReader
 from realm_jax.demo import reading
 from realm_jax.demo.pipeline import Demo
 from realm_jax.demo.recipe import full
 from realm_jax.demo.ui import ConsoleUI
 from realm_jax.models.realm import RealmModel
+from realm_jax.storage import Storage
 
 
 def identity_head(encoder, special_ids) -> None:
@@ -50,11 +53,10 @@ def main() -> None:
   print(f"uptime: {os.getloadavg()[0]:.2f} load (1 min)", flush=True)
   work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="reading-probe-"))
   recipe = full()
-  demo = Demo(work, recipe, ConsoleUI())
-  if not (work / "state" / "probe-corpus").exists():
-    demo.build_corpus()
-    (work / "state" / "probe-corpus").write_text("built\n")
-  reader, blocks = demo._blocks()
+  if not (work / "pretrain" / "corpus" / "manifest.json").exists():  # a demo work directory's is read
+    Demo(work, recipe, ConsoleUI()).build_corpus()
+  reader = CorpusReader(Storage.open(str(work / "pretrain")))
+  blocks = list(reader.iter_blocks())
   tok = reader.tokenizer()
   special = sorted({int(getattr(tok, f"{name}_id")) for name in ("pad", "cls", "sep", "mask", "unk")
                     if getattr(tok, f"{name}_id", None) is not None})
