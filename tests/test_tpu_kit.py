@@ -332,8 +332,10 @@ def test_launch_pretrain_runs_detached_with_a_log_per_worker(tmp_path):
     assert "worker 3: started realm-jax pretrain" in started.stdout
     log = logs / "pretrain-worker-3.log"
     deadline = time.time() + 30
-    while not (log.read_text().count("\n") >= 2 and log.read_text().endswith("\n")) \
-        and time.time() < deadline:
+    while time.time() < deadline:
+      text = log.read_text()
+      if text.count("\n") >= 2 and text.endswith("\n"):  # two complete records
+        break
       time.sleep(0.05)
     records = {r["argv"][0]: r for r in map(json.loads, log.read_text().splitlines())}
     assert records["pretrain"] == {"argv": ["pretrain", "--config", "experiments/paper.py", "--storage",

@@ -88,6 +88,10 @@ class Recipe:
   ict_shared: bool = False
   ict_lr: float = 1e-4
 
+  @property
+  def unties_after_ict(self) -> bool:
+    return bool(self.ict_steps) and self.ict_shared and not self.share_towers
+
 
 @dataclasses.dataclass
 class Result:
@@ -212,13 +216,12 @@ def _prepare(workdir: pathlib.Path, recipe: Recipe) -> _Start:
   if recipe.ict_steps:
     # The retriever's warm start, as the paper's: ICT with the real Trainer on the same corpus.
     build(Storage.open(str(workdir / "ict")))
-    untie = recipe.ict_shared and not recipe.share_towers
+    untie = recipe.unties_after_ict
     ict_model_cfg = model_cfg.replace(share_embedders=True) if untie else model_cfg
     init = str(workdir / "init")
-    if untie:  # the shared ICT run starts from the query tower (and the encoder) of `init`
+    if untie:  # the shared ICT run starts from the query tower of `init` (ICT does not use the encoder)
       shared = RealmModel(ict_model_cfg, rngs=nnx.Rngs(recipe.seed))
       nnx.update(shared.retriever.query_embedder, nnx.state(model.retriever.query_embedder, nnx.Param))
-      nnx.update(shared.encoder, nnx.state(model.encoder, nnx.Param))
       init = str(workdir / "init-shared")
       weights.save_weights(init, shared, ict_model_cfg)
     ict_cfg = TrainConfig(model=ict_model_cfg, task="ict", batch_size=recipe.batch_size, learning_rate=recipe.ict_lr,
@@ -239,7 +242,7 @@ def _prepare(workdir: pathlib.Path, recipe: Recipe) -> _Start:
 def _ict_root(workdir: pathlib.Path, recipe: Recipe) -> str | None:
   if not recipe.ict_steps:
     return None
-  return str(workdir / ("ict-untied" if recipe.ict_shared and not recipe.share_towers else "ict"))
+  return str(workdir / ("ict-untied" if recipe.unties_after_ict else "ict"))
 
 
 def _pretrain(start: _Start, recipe: Recipe, root_name: str, t0: float) -> Result:
