@@ -58,8 +58,7 @@ def main() -> None:
   reader = CorpusReader(Storage.open(str(work / "pretrain")))
   blocks = list(reader.iter_blocks())
   tok = reader.tokenizer()
-  special = sorted({int(getattr(tok, f"{name}_id")) for name in ("pad", "cls", "sep", "mask", "unk")
-                    if getattr(tok, f"{name}_id", None) is not None})
+  special = [tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.unk_id]
   data = reading.ReadingData(blocks, reader.tokenizer(), recipe.model.block_len, recipe.model.query_len,
                              max_masks=recipe.pretrain_config().max_masks,
                              queries_per_block=recipe.reading_queries_per_block, held_out_every=10, seed=0)
