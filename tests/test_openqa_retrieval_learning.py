@@ -1,26 +1,30 @@
 """Open-QA fine-tuning as ORQA does it: the query tower learns against a fixed index, the reader
-reads several blocks.
+reads several blocks, and it has to read the question.
 
-16 invented people, two blocks each: a biography ("X was born in C1. X was buried in C2. X worked
-as a J.", the two sentences in either order) and a travel note ("X travelled to C3 every summer. X
-often visited C4."), four different cities. The questions are "Where was X born?" -> C1 and "Where
-was X buried?" -> C2, all 32 fine-tuned on and evaluated. Every tower starts from the packaged
-MiniLM-L6, the span head is fresh; the index is built once from the initial tower and stays fixed
-(ORQA), the query tower and the reader are trained, and the reader reads the top 3 blocks.
+16 invented people, two blocks each: a biography ("X was born in C. X worked as a J.") and a travel
+note ("X travelled to C2 every summer. X often visited C3.", two other cities). Two questions per
+person, "Where was X born?" -> C and "What was the occupation of X?" -> J, all 32 fine-tuned on and
+evaluated. Every tower starts from the packaged MiniLM-L6, the span head is fresh; the index is
+built once from the initial tower and stays fixed (ORQA), the query tower and the reader are
+trained, and the reader reads the top 3 blocks.
 
-The untrained query tower ranks X's travel note first for 1 question in 8 to 10; fine-tuning
-moves the query tower (only it can change retrieval against the fixed index) and recall@1 of the
-biography rises to ~1 (seed 0, the test's 48 steps: 0.875 -> 1.0; 80 steps, two seeds: 0.875 ->
-0.969, 0.906 -> 1.0). With the query tower's gradient
-cut (`stop_gradient` on the question embedding) the tower moves only by weight decay (2e-5) and
-recall stays at 0.875: the test fails.
-The reader learns to answer with a city of the biography (exact match 0 -> 0.53 in 48 steps, 0.5
-in 80), but it does not learn to tell birth from burial: 0.5 is what a reader that ignores the
-question reaches here (a 40-step run of a "died" variant with the question hidden from the
-reader reached the same exact match as one that saw it). Nor in 200 steps with the span head at
-20x and the rest of the reader at 4x the rate (`lr_mults`: exact match 0.47, the same answer to
-both questions of 15 of the 16 people); a rate of 2e-4 or 5e-4 for everything collapses retrieval
-(recall@1 0.875 -> 0.09 / 0.125).
+Retrieval: the untrained query tower ranks X's travel note above the biography for half the
+questions; fine-tuning moves the query tower (only it can change retrieval against the fixed
+index) and recall@1 of the biography rises to ~1 (48 steps: 0.50 -> 1.00 in seed 0, 0.47 -> 0.97 in
+seed 1). With the query tower's gradient cut (`stop_gradient` on the question embedding) the tower
+moves by less than 1e-4 (weight decay, 2e-5) and recall@1 stays at 0.50 (seed 0): the test fails.
+
+Reading: both answers of a person are in the same biography, so a reader that ignores the question
+scores that block's spans the same way for both questions and gets at most one of the two right:
+exact match <= 0.5 and no person with both answers right. Measured with the question hidden from
+the reader (every question replaced by the same `[CLS]` + six `[UNK]` + `[SEP]` in the reader's
+input; retrieval unchanged), seed 0, 48 steps: exact match 0 -> 0.50, the same answer to both
+questions for all 16 people, none with both right. Reading the question: exact match 0 -> 0.91,
+13 of 16 people with both answers right (seed 1: 0.03 -> 0.97, 15 of 16). Hiding the question's
+words but not its length is not enough: that reader told the longer question from the shorter one
+and got 9 people both right.
+An earlier version asked "Where was X born / buried?" of a biography holding both cities; in 48-200
+steps the reader never learned to tell birth from burial (exact match ~0.5, as the blind reader).
 """
 
 import json
@@ -41,24 +45,24 @@ from tests.helpers.facts_corpus import JOBS, ONE_PIECE_CITIES, invented_names
 
 NUM_PEOPLE = 16
 READER_BEAM = 3
-QUERY_CHANGE, RECALL_GAIN, LEARNED_EM = 0.005, 0.05, 0.4
+QUERY_CHANGE, RECALL_GAIN = 0.005, 0.05
+# A reader that ignores the question reaches at most 0.5 and no person with both answers right.
+LEARNED_EM, BOTH_RIGHT = 0.75, NUM_PEOPLE // 2
 
 
 def _corpus(path, seed: int = 0) -> list[QAExample]:
-  """Writes the documents JSONL; returns the questions (born, buried) of every person."""
+  """Writes the documents JSONL; returns the questions (born, occupation) of every person."""
   rng = np.random.default_rng(seed)
   cities = [str(c) for c in ONE_PIECE_CITIES]
   docs, questions = [], []
   for i, name in enumerate(invented_names(NUM_PEOPLE, seed=seed)):
-    born, buried = (cities[j] for j in rng.choice(len(cities), 2, replace=False))
-    facts = [f"{name} was born in {born}.", f"{name} was buried in {buried}."]
-    bio = " ".join(facts if rng.random() < 0.5 else facts[::-1]) + f" {name} worked as a {JOBS[i % len(JOBS)]}."
-    went, visited = rng.choice([c for c in cities if c not in (born, buried)], 2, replace=False)
-    docs += [{"title": name, "text": bio},
+    born, job = str(rng.choice(cities)), JOBS[i % len(JOBS)]
+    went, visited = rng.choice([c for c in cities if c != born], 2, replace=False)
+    docs += [{"title": name, "text": f"{name} was born in {born}. {name} worked as a {job}."},
              {"title": f"{name} travels", "text": f"{name} travelled to {went} every summer. {name} often visited "
                                                   f"{visited}."}]
     questions += [QAExample(f"{name}-born", f"Where was {name} born?", [born]),
-                  QAExample(f"{name}-buried", f"Where was {name} buried?", [buried])]
+                  QAExample(f"{name}-job", f"What was the occupation of {name}?", [job])]
   path.write_text("".join(json.dumps(d) + "\n" for d in docs))
   return questions
 
@@ -82,21 +86,25 @@ def _finetune(tmp_path, name: str, questions: list[QAExample]) -> dict:
   query_before = _params(tuner.model.retriever)
   tuner.model.train()
   tuner.run()
-  _, after = evaluator.evaluate(questions, name)
+  predictions, after = evaluator.evaluate(questions, name)
   query_after = _params(tuner.model.retriever)
   change = np.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(query_after, query_before)))
   norm = np.sqrt(sum(float((b ** 2).sum()) for b in query_before))
   assert np.array_equal(np.array(index_lib.load_index(tuner.storage).embeddings), index_before)  # index fixed
-  return {"before": before, "after": after, "query_change": change / norm}
+  return {"before": before, "after": after, "query_change": change / norm, "predictions": predictions}
 
 
-def test_query_tower_learns_retrieval_with_a_reader_beam_of_three(tmp_path):
+def test_query_tower_learns_retrieval_and_the_reader_reads_the_question(tmp_path):
   questions = _corpus(tmp_path / "docs.jsonl")
   learned = _finetune(tmp_path, "learned", questions)
   b, a = learned["before"], learned["after"]
   print(f"recall@1 {b.recall[1]:.3f} -> {a.recall[1]:.3f}, recall@{READER_BEAM} {b.recall[READER_BEAM]:.3f} -> "
         f"{a.recall[READER_BEAM]:.3f}; query tower moved {learned['query_change']:.4f} (relative); EM "
         f"{b.exact_match:.3f} -> {a.exact_match:.3f}")
+  right = [p["correct"] for p in learned["predictions"]]
+  both = sum(born and job for born, job in zip(right[::2], right[1::2]))  # questions come in (born, job) pairs
+  print(f"people with both answers right: {both} of {NUM_PEOPLE}")
   assert learned["query_change"] >= QUERY_CHANGE
   assert a.recall[1] >= b.recall[1] + RECALL_GAIN and a.recall[1] >= 0.9
   assert b.exact_match <= 1 / 16 and a.exact_match >= LEARNED_EM
+  assert both >= BOTH_RIGHT
