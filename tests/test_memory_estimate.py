@@ -35,7 +35,10 @@ def corpus_root(tmp_path_factory):
   return root
 
 
-@pytest.mark.parametrize("preset,devices,batch", [("tiny", 1, 16), ("tiny", 8, 16), ("minilm", 1, 4), ("minilm", 8, 8)])
+# MiniLM on one device is the config closest to the margin (ratio 0.81). MiniLM on 8 devices stays in
+# `python benchmarks/memory.py`: it costs two minutes of compilation and checks nothing the tiny
+# model on 8 devices does not (how the estimate divides by the mesh).
+@pytest.mark.parametrize("preset,devices,batch", [("tiny", 1, 16), ("tiny", 8, 16), ("minilm", 1, 4)])
 def test_estimate_matches_compiled_step(corpus_root, preset, devices, batch):
   r = bench.run_child(preset, devices, batch, corpus_root)
   assert r["devices"] == devices and r["num_blocks"] > 100
