@@ -273,3 +273,47 @@ def test_orbax_checkpoint_manager_round_trip(shared_storage_root):
     restored = reader.restore(2, args=ocp.args.StandardRestore(abstract))
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_local_writes_survive_a_concurrent_delete_of_their_directory(tmp_path):
+  """A second process deletes a directory over and over (a publisher cleaning staged files) while
+  this one writes create-only into it: every write either lands whole or raises ObjectNotFound
+  (a FileNotFoundError, which a publisher of the same step treats as "the other one won"), never
+  another error. pathlib's `mkdir(exist_ok=True)` raises FileExistsError when the directory it
+  found present is gone by the time it checks; that must not surface."""
+  root = tmp_path / "root"
+  s = Storage.open(root)
+  script = textwrap.dedent(f"""
+      import pathlib, time
+      from realm_jax.storage import Storage, StorageError
+      s = Storage.open({str(root)!r})
+      pathlib.Path({str(tmp_path / "deleting")!r}).touch()
+      end = time.monotonic() + 5
+      while time.monotonic() < end:
+        try:
+          s.delete("work/job")
+        except StorageError:  # "Directory not empty": a file landed while it was deleting
+          pass
+        time.sleep(0.0005)
+      """)
+  proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+  try:
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "deleting").exists():
+      assert proc.poll() is None and time.monotonic() < deadline
+      time.sleep(0.01)
+    landed = missing = 0
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+      path = f"work/job/emb-{landed + missing:06d}.npy"
+      try:
+        s.write_bytes(path, b"x" * 100, exclusive=True)
+        landed += 1
+      except ObjectNotFound:
+        missing += 1
+  finally:
+    proc.kill()
+    proc.wait()
+  assert landed and missing, (landed, missing)  # the deletes did interleave with the writes
+  s.write_bytes("work/job/after.npy", b"y", exclusive=True)
+  assert s.read_bytes("work/job/after.npy") == b"y"

@@ -4,6 +4,7 @@ create-only through a hard link, compare-and-swap under an advisory lock."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pathlib
@@ -36,16 +37,33 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once: os.umask is process-wide and racy between threads
 
 
-def _tmp_sibling(final: pathlib.Path) -> tuple[int, str]:
-  """A temp file in `final`'s directory (same filesystem, so rename/link is atomic)."""
-  for attempt in range(3):
-    final.parent.mkdir(parents=True, exist_ok=True)
+def _is_non_directory(path: pathlib.Path) -> bool:
+  """Whether something other than a directory is at `path` (one stat: no exists-then-is_dir race)."""
+  try:
+    return not stat_lib.S_ISDIR(path.stat().st_mode)
+  except (FileNotFoundError, NotADirectoryError):
+    return False
+
+
+def _tmp_sibling(final: pathlib.Path, attempts: int = 5) -> tuple[int, str]:
+  """A temp file in `final`'s directory (same filesystem, so rename/link is atomic).
+
+  A concurrent delete of that directory (another publisher cleaning staged files) is retried:
+  it shows as FileNotFoundError from mkstemp, or as FileExistsError from pathlib's
+  `mkdir(exist_ok=True)` when the directory it found present is gone by the time it checks.
+  A file in the way is an error at once; a directory that keeps vanishing is FileNotFoundError."""
+  for _ in range(attempts):
     try:
+      final.parent.mkdir(parents=True, exist_ok=True)
       fd, tmp = tempfile.mkstemp(prefix=f"{HIDDEN}tmp-", dir=final.parent)
       break
-    except FileNotFoundError:  # a concurrent delete removed the (empty) directory
-      if attempt == 2:
+    except FileExistsError:
+      if any(_is_non_directory(p) for p in (final.parent, *final.parent.parents)):
         raise
+    except FileNotFoundError:
+      pass
+  else:
+    raise FileNotFoundError(errno.ENOENT, "removed by a concurrent delete while writing", str(final.parent))
   os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files are shared
   return fd, tmp
 
