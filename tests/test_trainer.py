@@ -143,3 +143,32 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corp
     ckpt.restore_part(2, model, part)
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert params and all(np.isfinite(np.asarray(p)).all() for p in params)
+
+
+def test_metrics_on_an_object_store_leave_no_local_files(tmp_path, monkeypatch):
+  """On a root with no local path (memory://, gs://) TensorBoard writes its event files to a local
+  staging directory and uploads them at each flush; closing removes that directory, and the
+  uploaded events read back with TensorBoard's own reader."""
+  import tempfile
+
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  from realm_jax.train.metrics import MetricsWriter, read_metrics
+
+  local_tmp = tmp_path / "local-tmp"
+  local_tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(local_tmp))
+  storage = Storage.open("memory://metrics-test")
+  writer = MetricsWriter(storage, "realm")
+  assert list(local_tmp.iterdir())  # the staging directory exists while the writer is open
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": 1.0 / step})
+  writer.close()
+  assert list(local_tmp.iterdir()) == []
+  assert [r["step"] for r in read_metrics(storage, "realm")] == [1, 2, 3]
+  events = tmp_path / "events"
+  for path in storage.list("metrics/tb-realm"):
+    storage.get_file(path, events / path.rsplit("/", 1)[1])
+  acc = EventAccumulator(str(events))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("realm/loss")] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -50,16 +51,25 @@ class MetricsWriter:
     if not self.enabled:
       return
     self._tb.flush()
+    self._write_log()
+
+  def close(self) -> None:
+    """Writes everything; on an object store the event files are uploaded after TensorBoard's
+    writer is closed (its flush can leave the newest events queued) and the local staging
+    directory is removed."""
+    if not self.enabled:
+      return
+    self._tb.close()
+    self._write_log()
+    if self._upload:
+      shutil.rmtree(self._tb_dir, ignore_errors=True)
+
+  def _write_log(self) -> None:
     data = "".join(json.dumps(r) + "\n" for r in self.rows).encode()
     self.storage.write_bytes(f"{layout.METRICS}/{self.name}.jsonl", data)
     if self._upload:
       for fname in os.listdir(self._tb_dir):
         self.storage.put_file(os.path.join(self._tb_dir, fname), f"{layout.METRICS}/tb-{self.name}/{fname}")
-
-  def close(self) -> None:
-    if self.enabled:
-      self.flush()
-      self._tb.close()
 
 
 def progress_line(step: int, total: int, scalars: dict[str, float], examples_per_s: float, eta_s: float) -> str:
