@@ -136,3 +136,53 @@ def test_resuming_after_the_corpus_was_rebuilt_names_the_corpus_and_both_counts(
   assert _pretrain(str(root), "--resume", "--stop-after", "1") == 2
   line = one_line_error(capsys)
   assert str(root / "corpus") in line and "16 blocks" in line and "40 blocks" in line, line
+
+
+def test_listing_steps_while_another_process_deletes_one(tmp_path):
+  """The refresher lists the checkpoints (`reload`) while the trainer's max_to_keep deletes old
+  steps. orbax lists the step directories, then reads each one's metadata; a step removed in
+  between made it raise FileNotFoundError or NotADirectoryError, which killed the refresher. A
+  second process here adds and deletes a finalized step over and over while this one lists: every
+  listing succeeds, with or without that step."""
+  import subprocess
+  import sys
+  import textwrap
+  import time
+
+  import orbax.checkpoint as ocp
+
+  from realm_jax.train.checkpoints import Checkpoints
+
+  root = tmp_path / "checkpoints"
+  ckpt = Checkpoints(str(root), async_save=False, keep=100)
+  for step in (1, 7):
+    ckpt.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave({"step": step})))
+  ckpt.manager.wait_until_finished()
+  shutil.move(root / "7", tmp_path / "step-7")
+  script = textwrap.dedent(f"""
+      import os, pathlib, shutil, time
+      root, step = pathlib.Path({str(root)!r}), {str(tmp_path / "step-7")!r}
+      pathlib.Path({str(tmp_path / "started")!r}).touch()
+      end = time.monotonic() + 5
+      while time.monotonic() < end:
+        shutil.copytree(step, root / ".incoming")
+        os.rename(root / ".incoming", root / "7")
+        time.sleep(0.002)
+        shutil.rmtree(root / "7")
+        time.sleep(0.002)
+      """)
+  proc = subprocess.Popen([sys.executable, "-c", script])
+  try:
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+      assert proc.poll() is None and time.monotonic() < deadline
+      time.sleep(0.01)
+    seen = set()
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+      ckpt.reload()
+      seen.add(tuple(ckpt.all_steps()))
+  finally:
+    proc.kill()
+    proc.wait()
+  assert seen == {(1,), (1, 7)}, seen  # the deletions did interleave with the listings

@@ -90,13 +90,16 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=not read_only, read_only=read_only,
                                            temporary_path_class=sealing.sealing_path_class(self.directory))
+    self.manager = self._listing(lambda: ocp.CheckpointManager(self.directory, options=options))
+
+  def _listing(self, list_steps):
+    """Runs `list_steps` (orbax listing the step directories), looking again when a step is
+    removed (the trainer's max_to_keep) between orbax's listing and its reading of that step: the
+    directory is there, so it is a race; a missing directory is the user's error."""
     for attempt in range(5):
       try:
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
-        break
-      except FileNotFoundError as e:
-        # A step removed (the trainer's max_to_keep) between orbax's listing and its reading of
-        # that step: the directory is there, so look again; a missing directory is the user's.
+        return list_steps()
+      except (FileNotFoundError, NotADirectoryError) as e:  # orbax says either of a vanished step
         if attempt == 4 or not self._listable():
           raise CheckpointError(f"{self.directory}: cannot open the checkpoints directory "
                                 f"({e.strerror or _short(e)})") from None
@@ -151,7 +154,8 @@ class Checkpoints:
     return list(self.manager.all_steps())
 
   def reload(self) -> None:
-    self.manager.reload()
+    """Lists the steps again (another process's saves and deletions)."""
+    self._listing(self.manager.reload)
 
   def verify(self, step: int, items: list[str] | None = None) -> None:
     """Checks step `step` (its `items` only, when given) against its manifest; CorruptCheckpoint
