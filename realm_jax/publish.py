@@ -433,11 +433,12 @@ def open_version(storage: Storage, prefix: str, version: str, *,
 
 
 def open_latest(storage: Storage, prefix: str, *, verify: bool = True,
-                attempts: int = 3) -> PublishedVersion | None:
+                attempts: int = 10) -> PublishedVersion | None:
   """open_version of what LATEST names (its manifest pinned), or None if nothing is published.
 
   If the version turns out missing/corrupt but LATEST has moved on meanwhile (a newer publish
-  followed by prune), it retries with the new LATEST; a bad version LATEST still names raises.
+  followed by prune), it retries with the new LATEST (each retry follows a publish, so up to
+  `attempts` publishes may overtake one reader); a bad version LATEST still names raises.
   """
   for attempt in range(attempts):
     pointer, _ = _read_pointer(storage, prefix)
