@@ -16,7 +16,7 @@ sys.modules.setdefault("triton", None)
 # test starts inherit it): dozens of tests start `realm-jax` processes that compile the same smoke
 # programs, and a hit takes the first step's ~15 s of compilation to ~6 s. Programs that compile in
 # under a second are cached too (JAX's default skips them): a process compiles dozens of those, and
-# caching them took a trainer-plus-refresher test from 39 s to 33 s once the cache was warm. A test
+# caching them took a trainer-plus-refresher test from 35 s to 31 s once the cache was warm. A test
 # that needs its own cache sets the variable for its processes. Removed when the process that made
 # it exits.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
